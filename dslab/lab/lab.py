@@ -1,0 +1,460 @@
+"""The local Redis lab: start a topology, watch it, break it, tear it down.
+
+``Lab`` is the one way dslab starts Redis: the CLI, the tests and later the
+chat and shortener commands all go through it. Used as a context manager it
+guarantees ``down`` on exit::
+
+    with Lab(LabSettings.build(home=tmp)) as lab:
+        lab.up(Topology.CLUSTER)
+        print(lab.redis_target())
+
+Guarantees:
+
+- ``up`` is idempotent and either returns a ready lab or leaves nothing
+  running (also on Ctrl-C): every process is written to ``state.json`` as
+  soon as it is spawned, so even a ``kill -9`` of dslab mid-``up`` leaves a
+  state that ``down`` can clean;
+- ``down`` stops every process the lab started, including ones found only by
+  their command line when the state file was lost, and removes the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+import redis
+
+from dslab.errors import (
+    LabAlreadyRunning,
+    LabNotRunning,
+    LabStateCorrupt,
+    UsageError,
+)
+from dslab.lab import cluster, probe, topology
+from dslab.lab.redis_binary import RedisBinary, find_redis_server
+from dslab.lab.state import LabState, ProcessRecord, locked, read_state, write_state
+from dslab.lab.supervisor import (
+    find_free_block,
+    kill_processes,
+    processes_using,
+    require_free,
+    spawn_detached,
+    stop_processes,
+    wait_until,
+)
+from dslab.settings import (
+    LOOPBACK_HOST,
+    SENTINEL_SERVICE,
+    LabSettings,
+    Persistence,
+    RedisKind,
+    RedisTarget,
+    Topology,
+)
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class UpResult:
+    state: LabState
+    binary: RedisBinary | None  # None when the lab was already running
+    started: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def already_running(self) -> bool:
+        return self.binary is None and not self.started
+
+
+@dataclass
+class DownResult:
+    stopped: list[str]  # names that were alive and were stopped
+    already_dead: list[str]
+    strays: list[int]  # pids found by command line, not in the state
+    removed_data: bool
+
+
+@dataclass
+class LabStatus:
+    state: LabState
+    nodes: list[probe.NodeHealth]
+    primary: str | None  # the current primary's name, where there is one
+
+    @property
+    def healthy(self) -> bool:
+        return all(node.healthy for node in self.nodes)
+
+
+def process_condition(record: ProcessRecord) -> str:
+    """``running``, ``paused`` (SIGSTOP) or ``dead``, from the OS, not the file."""
+    if not record.is_alive():
+        return "dead"
+    try:
+        if psutil.Process(record.pid).status() == psutil.STATUS_STOPPED:
+            return "paused"
+    except psutil.Error:
+        return "dead"
+    return "running"
+
+
+class Lab:
+    def __init__(self, settings: LabSettings) -> None:
+        self.settings = settings
+        self.home = settings.home
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    # -- reading -----------------------------------------------------------
+
+    def state(self) -> LabState | None:
+        return read_state(self.settings.state_file)
+
+    def require_state(self) -> LabState:
+        state = self.state()
+        if state is None:
+            raise LabNotRunning(
+                f"no lab is running in {self.home}",
+                fix="start one with `dslab lab up` (or set DSLAB_HOME to the "
+                "folder of the lab you mean)",
+            )
+        return state
+
+    def status(self) -> LabStatus:
+        state = self.require_state()
+        nodes = [
+            probe.inspect_node(record, process_condition(record))
+            for record in state.processes
+        ]
+        return LabStatus(state, nodes, self._primary_name(state, nodes))
+
+    def node(self, name: str) -> ProcessRecord:
+        return self.require_state().find(name)
+
+    def redis_target(self) -> RedisTarget:
+        """The URL a client uses to reach this lab, as ``--redis`` would take it."""
+        state = self.require_state()
+        redis_nodes = state.of_kind("redis")
+        if state.topology == Topology.REPLICATED:
+            sentinels = state.of_kind("sentinel")
+            return RedisTarget(
+                RedisKind.SENTINEL,
+                tuple((node.host, node.port) for node in sentinels),
+                service=SENTINEL_SERVICE,
+            )
+        if state.topology == Topology.CLUSTER:
+            return RedisTarget(
+                RedisKind.CLUSTER,
+                tuple((node.host, node.port) for node in redis_nodes),
+            )
+        first = redis_nodes[0]
+        return RedisTarget(RedisKind.STANDALONE, ((first.host, first.port),))
+
+    def primary(self) -> str:
+        """The name of the node that is primary right now (asked live)."""
+        state = self.require_state()
+        if state.topology == Topology.CLUSTER:
+            raise UsageError(
+                "a Cluster has one primary per slot range, not one primary",
+                fix="see the primaries in `dslab lab status`",
+            )
+        found = self._primary_name(state, None)
+        if found is None:
+            raise LabNotRunning(
+                "no node is primary right now (a failover may be in progress)",
+                fix="wait a few seconds and ask again; `dslab lab status` shows "
+                "every node",
+            )
+        return found
+
+    # -- changing ----------------------------------------------------------
+
+    def up(
+        self,
+        topology_name: Topology = Topology.STANDALONE,
+        persistence: Persistence = Persistence.EVERYSEC,
+        *,
+        base_port: int | None = None,
+        extra_config: list[str] | None = None,
+        timeout_s: float = READY_TIMEOUT_S,
+    ) -> UpResult:
+        """Start ``topology_name`` and wait until it serves; see module docstring."""
+        with locked(self.home):
+            existing = self._reusable_state(topology_name, persistence)
+            if existing is not None:
+                return self._revive(existing, timeout_s)
+
+            began = time.monotonic()
+            binary = find_redis_server(self.settings.redis_server)
+            is_cluster = topology_name is Topology.CLUSTER
+            bus = topology.CLUSTER_BUS_OFFSET if is_cluster else None
+            count = topology.node_count(topology_name)
+            if base_port is None:
+                base_port = find_free_block(
+                    count, start=self.settings.port_start,
+                    stop=self.settings.port_start + 2900, bus_offset=bus,
+                )
+            ports = list(range(base_port, base_port + count))
+            require_free(ports + [port + bus for port in ports] if bus else ports)
+
+            plans = topology.plan(topology_name, persistence, base_port, extra_config)
+            state = LabState(
+                topology=topology_name.value,
+                persistence=persistence.value,
+                redis_server=binary.as_dict(),
+                created_at=time.time(),
+            )
+            with self._cleanup_on_failure(state):
+                self._start_nodes(plans, state, binary, timeout_s)
+                if topology_name is Topology.CLUSTER:
+                    by_name = {record.name: record for record in state.processes}
+                    cluster.create_cluster(plans, by_name, timeout_s=timeout_s)
+                if topology_name is Topology.REPLICATED:
+                    self._wait_sentinels(state, timeout_s)
+
+            seconds = time.monotonic() - began
+            log.info("lab up: %s with %d nodes in %.2f s", topology_name.value,
+                     len(plans), seconds)
+            return UpResult(state, binary, [plan.name for plan in plans], seconds)
+
+    def down(self, *, force: bool = False, keep_data: bool = False) -> DownResult:
+        """Stop everything the lab started and forget it; safe to repeat."""
+        with locked(self.home):
+            try:
+                state = self.state()
+            except LabStateCorrupt:
+                if not force:
+                    raise
+                state = None
+
+            records = state.processes if state else []
+            stopped = stop_processes(records)
+            already_dead = [r.name for r in records if r.name not in stopped]
+
+            strays = processes_using(self.home)
+            kill_processes(strays)
+
+            self.settings.state_file.unlink(missing_ok=True)
+            if not keep_data:
+                for record in records:
+                    shutil.rmtree(record.dir, ignore_errors=True)
+            for name in stopped:
+                log.info("node stopped: %s", name)
+
+            return DownResult(stopped, already_dead, [p.pid for p in strays],
+                              removed_data=not keep_data)
+
+    def restart(
+        self, name: str, *, timeout_s: float = READY_TIMEOUT_S
+    ) -> ProcessRecord:
+        """Start ``name`` again from its own folder, so it comes back with its data."""
+        with locked(self.home):
+            state = self.require_state()
+            old = state.find(name)
+            stop_processes([old])
+            record = self._spawn(old.name, old.kind, old.role, old.argv,
+                                 Path(old.dir), Path(old.log), old.port)
+            state.replace(record)
+            write_state(self.settings.state_file, state)
+            wait_until(record, lambda: probe.answers(record), timeout_s=timeout_s,
+                       what="restarting")
+            log.info("node restarted: %s pid=%d port=%d", name, record.pid,
+                     record.port)
+            return record
+
+    def log_path(self, name: str) -> Path:
+        return Path(self.node(name).log)
+
+    # -- internals ---------------------------------------------------------
+
+    def _reusable_state(
+        self, topology_name: Topology, persistence: Persistence
+    ) -> LabState | None:
+        state = self.state()
+        if state is None:
+            return None
+        if not any(record.is_alive() for record in state.processes):
+            log.info("stale lab state found, every process is dead: cleaning up")
+            self._forget(state)
+            return None
+        if state.topology != topology_name or state.persistence != persistence:
+            raise LabAlreadyRunning(
+                f"a {state.topology} lab (persistence {state.persistence}) is "
+                f"already running in {self.home}",
+                fix="stop it with `dslab lab down` first, or start a second lab "
+                "in another folder with DSLAB_HOME=/some/other/dir",
+            )
+        return state
+
+    def _forget(self, state: LabState) -> None:
+        stop_processes(state.processes)
+        self.settings.state_file.unlink(missing_ok=True)
+        for record in state.processes:
+            shutil.rmtree(record.dir, ignore_errors=True)
+
+    def _revive(self, state: LabState, timeout_s: float) -> UpResult:
+        """A matching lab runs already: bring back any node that died."""
+        revived = []
+        for record in state.processes:
+            if record.kind in ("redis", "sentinel") and not record.is_alive():
+                fresh = self._spawn(record.name, record.kind, record.role,
+                                    record.argv, Path(record.dir), Path(record.log),
+                                    record.port)
+                state.replace(fresh)
+                write_state(self.settings.state_file, state)
+                wait_until(fresh, lambda r=fresh: probe.answers(r),
+                           timeout_s=timeout_s, what="restarting")
+                revived.append(record.name)
+        return UpResult(state, None, revived)
+
+    def _start_nodes(
+        self, plans: list[topology.NodePlan], state: LabState, binary: RedisBinary,
+        timeout_s: float,
+    ) -> None:
+        for plan in plans:
+            node_dir = self.home / plan.name
+            shutil.rmtree(node_dir, ignore_errors=True)
+            node_dir.mkdir(parents=True)
+            config_file = node_dir / f"{plan.kind}.conf"
+            config_file.write_text(
+                "\n".join([*plan.config, f"dir {node_dir}"]) + "\n", encoding="utf-8"
+            )
+            argv = [str(binary.path), str(config_file)]
+            if plan.kind == "sentinel":
+                argv.append("--sentinel")
+            record = self._spawn(plan.name, plan.kind, plan.role, argv, node_dir,
+                                 node_dir / f"{plan.kind}.log", plan.port)
+            state.processes.append(record)
+            # Written after every spawn: a dslab killed now leaves a cleanable lab.
+            write_state(self.settings.state_file, state)
+
+        for plan, record in zip(plans, state.processes, strict=True):
+            ready = _readiness(plan, record)
+            wait_until(record, ready, timeout_s=timeout_s, what="starting up")
+            log.info("node ready: %s pid=%d port=%d", record.name, record.pid,
+                     record.port)
+
+    def _spawn(
+        self, name: str, kind: str, role: str, argv: list[str], node_dir: Path,
+        log_file: Path, port: int,
+    ) -> ProcessRecord:
+        spawned = spawn_detached(argv, log_path=log_file, cwd=node_dir)
+        log.info("node started: %s pid=%d port=%d", name, spawned.pid, port)
+        return ProcessRecord(
+            name=name, kind=kind, role=role, pid=spawned.pid,
+            started_at=spawned.started_at, host=LOOPBACK_HOST, port=port,
+            dir=str(node_dir), log=str(log_file), argv=argv,
+        )
+
+    def _wait_sentinels(self, state: LabState, timeout_s: float) -> None:
+        """Sentinels find each other through the primary's hello channel (~2 s);
+        until they do, they could not agree on a failover."""
+        sentinels = state.of_kind("sentinel")
+        replicas = len(state.of_kind("redis")) - 1
+
+        def knows_everyone(record: ProcessRecord) -> bool:
+            try:
+                with probe.connect(record.host, record.port) as client:
+                    primary = client.sentinel_master(SENTINEL_SERVICE)
+            except redis.RedisError:
+                return False
+            return (
+                int(primary.get("num-other-sentinels", 0)) == len(sentinels) - 1
+                and int(primary.get("num-slaves", 0)) == replicas
+            )
+
+        for record in sentinels:
+            wait_until(record, lambda r=record: knows_everyone(r),
+                       timeout_s=timeout_s, what="discovering the other Sentinels")
+
+    @contextlib.contextmanager
+    def _cleanup_on_failure(self, state: LabState) -> Iterator[None]:
+        """Leave nothing half-started behind, whatever stops ``up``."""
+        try:
+            yield
+        except BaseException as exc:
+            with _sigint_ignored():
+                log.warning("lab up failed (%s): stopping %d started nodes",
+                            type(exc).__name__, len(state.processes))
+                self._forget(state)
+            raise
+
+    def _primary_name(
+        self, state: LabState, nodes: list[probe.NodeHealth] | None
+    ) -> str | None:
+        if state.topology == Topology.STANDALONE:
+            return state.processes[0].name if state.processes else None
+        if state.topology == Topology.CLUSTER:
+            return None
+        by_address = {record.address: record.name for record in state.of_kind("redis")}
+        # Sentinels decide who is primary; ask them, take the majority view.
+        votes: dict[str, int] = {}
+        for record in state.of_kind("sentinel"):
+            if not record.is_alive():
+                continue
+            try:
+                with probe.connect(record.host, record.port) as client:
+                    host, port = client.sentinel_get_master_addr_by_name(
+                        SENTINEL_SERVICE
+                    )
+            except (redis.RedisError, TypeError):
+                continue
+            votes[f"{host}:{port}"] = votes.get(f"{host}:{port}", 0) + 1
+        if votes:
+            address = max(votes, key=lambda key: votes[key])
+            return by_address.get(address)
+        # No Sentinel answers: fall back to what the nodes say of themselves.
+        for node in nodes or []:
+            if node.role == "primary":
+                return node.name
+        return None
+
+
+def _readiness(plan: topology.NodePlan, record: ProcessRecord) -> Callable[[], bool]:
+    if any(line.startswith("replicaof ") for line in plan.config):
+        # A replica started with `replicaof` is ready once it has synced.
+        def synced() -> bool:
+            try:
+                with probe.connect(record.host, record.port) as client:
+                    info = client.info("replication")
+            except redis.RedisError:
+                return False
+            return info.get("master_link_status") == "up"
+
+        return synced
+    return lambda: probe.answers(record)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not interrupt the cleanup of the first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+

@@ -1,0 +1,63 @@
+"""Fixtures that start real Redis labs through dslab's own ``Lab`` and always
+tear them down, whatever the test did to them."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dslab.lab.lab import Lab
+from dslab.settings import LabSettings, Persistence, Topology
+
+# Each test process searches for free ports in its own region, so parallel
+# runs on one machine do not race for the same block.
+PORT_START = 20000 + random.Random(os.getpid()).randrange(0, 200) * 100
+
+
+@pytest.fixture
+def lab_settings(tmp_path: Path) -> LabSettings:
+    """Settings for a lab living in this test's own temporary folder."""
+    return LabSettings.build(
+        home=tmp_path / "lab", environ={"DSLAB_PORT_START": str(PORT_START)}
+    )
+
+
+@pytest.fixture
+def lab_env(lab_settings: LabSettings) -> dict[str, str]:
+    """Environment for running the `dslab` command against this test's lab."""
+    env = dict(os.environ)
+    env["DSLAB_HOME"] = str(lab_settings.home)
+    env["DSLAB_PORT_START"] = str(PORT_START)
+    env.pop("DSLAB_REDIS_SERVER", None)
+    env["COLUMNS"] = "200"
+    env["NO_COLOR"] = "1"
+    return env
+
+
+StartLab = Callable[..., Lab]
+
+
+@pytest.fixture
+def start_lab(lab_settings: LabSettings) -> Iterator[StartLab]:
+    """Factory: start a topology in this test's folder; downed after the test."""
+    labs: list[Lab] = []
+
+    def start(
+        topology: Topology = Topology.STANDALONE,
+        persistence: Persistence = Persistence.EVERYSEC,
+        **options: object,
+    ) -> Lab:
+        lab = Lab(lab_settings)
+        labs.append(lab)
+        lab.up(topology, persistence, **options)  # type: ignore[arg-type]
+        return lab
+
+    try:
+        yield start
+    finally:
+        for lab in labs:
+            lab.down(force=True)
