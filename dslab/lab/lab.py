@@ -21,6 +21,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import signal
@@ -308,7 +309,10 @@ class Lab:
         return state
 
     def _forget(self, state: LabState) -> None:
+        """Stop a lab that is being abandoned, including any process that was
+        spawned but not yet recorded when ``up`` was interrupted."""
         stop_processes(state.processes)
+        kill_processes(processes_using(self.home))
         self.settings.state_file.unlink(missing_ok=True)
         for record in state.processes:
             shutil.rmtree(record.dir, ignore_errors=True)
@@ -323,7 +327,7 @@ class Lab:
                                     record.port)
                 state.replace(fresh)
                 write_state(self.settings.state_file, state)
-                wait_until(fresh, lambda r=fresh: probe.answers(r),
+                wait_until(fresh, functools.partial(probe.answers, fresh),
                            timeout_s=timeout_s, what="restarting")
                 revived.append(record.name)
         return UpResult(state, None, revived)
@@ -359,7 +363,9 @@ class Lab:
         self, name: str, kind: str, role: str, argv: list[str], node_dir: Path,
         log_file: Path, port: int,
     ) -> ProcessRecord:
-        spawned = spawn_detached(argv, log_path=log_file, cwd=node_dir)
+        spawned = spawn_detached(
+            argv, log_path=log_file, cwd=node_dir, lab_home=self.home
+        )
         log.info("node started: %s pid=%d port=%d", name, spawned.pid, port)
         return ProcessRecord(
             name=name, kind=kind, role=role, pid=spawned.pid,
@@ -376,7 +382,7 @@ class Lab:
         def knows_everyone(record: ProcessRecord) -> bool:
             try:
                 with probe.connect(record.host, record.port) as client:
-                    primary = client.sentinel_master(SENTINEL_SERVICE)
+                    primary = probe.sentinel_primary(client)
             except redis.RedisError:
                 return False
             return (
@@ -385,7 +391,7 @@ class Lab:
             )
 
         for record in sentinels:
-            wait_until(record, lambda r=record: knows_everyone(r),
+            wait_until(record, functools.partial(knows_everyone, record),
                        timeout_s=timeout_s, what="discovering the other Sentinels")
 
     @contextlib.contextmanager
@@ -415,12 +421,11 @@ class Lab:
                 continue
             try:
                 with probe.connect(record.host, record.port) as client:
-                    host, port = client.sentinel_get_master_addr_by_name(
-                        SENTINEL_SERVICE
-                    )
-            except (redis.RedisError, TypeError):
+                    address = probe.sentinel_primary_address(client)
+            except redis.RedisError:
                 continue
-            votes[f"{host}:{port}"] = votes.get(f"{host}:{port}", 0) + 1
+            if address is not None:
+                votes[address] = votes.get(address, 0) + 1
         if votes:
             address = max(votes, key=lambda key: votes[key])
             return by_address.get(address)

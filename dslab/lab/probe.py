@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dslab.lab.state import ProcessRecord
 from dslab.settings import SENTINEL_SERVICE
@@ -32,6 +34,9 @@ def connect(
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         decode_responses=True,
+        # A probe asks once: redis-py's default retries would turn one paused
+        # node into several seconds of waiting.
+        retry=Retry(NoBackoff(), 0),
     )
     try:
         yield client
@@ -170,9 +175,23 @@ def _inspect_redis(client: redis.Redis, health: NodeHealth) -> None:
         health.detail["cluster_state"] = cluster_info(client).get("cluster_state")
 
 
+def sentinel_primary(client: redis.Redis) -> dict[str, Any]:
+    """What a Sentinel knows of the primary it monitors (SENTINEL MASTER)."""
+    return cast(dict[str, Any], client.sentinel_master(SENTINEL_SERVICE))
+
+
+def sentinel_primary_address(client: redis.Redis) -> str | None:
+    """The primary's address as this Sentinel sees it now, or None."""
+    reply = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+    if not isinstance(reply, (list, tuple)) or len(reply) != 2:
+        return None
+    host, port = (str(part) for part in reply)
+    return f"{host}:{port}"
+
+
 def _inspect_sentinel(client: redis.Redis, health: NodeHealth) -> None:
     health.role = "sentinel"
-    primary = client.sentinel_master(SENTINEL_SERVICE)
+    primary = sentinel_primary(client)
     health.detail["primary"] = f"{primary['ip']}:{primary['port']}"
     health.detail["other_sentinels"] = primary.get("num-other-sentinels")
     health.detail["replicas"] = primary.get("num-slaves")

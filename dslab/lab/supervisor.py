@@ -31,8 +31,12 @@ SPAWN_TIMEOUT_S = 10.0
 # A clean SIGTERM shutdown of Redis takes milliseconds without RDB saving
 # (the lab turns RDB snapshots off); this bounds a stuck one.
 STOP_GRACE_S = 5.0
+TERM_REPEAT_S = 0.5
 POLL_S = 0.02
 LOG_TAIL_LINES = 12
+
+# The environment variable that marks a process as started by a given lab.
+LAB_MARKER = "DSLAB_LAB_HOME"
 
 # Start the command in the background with its output appended to the log,
 # print its pid, and exit: the command is re-parented away from dslab.
@@ -46,10 +50,20 @@ class Spawned:
 
 
 def spawn_detached(
-    argv: list[str], *, log_path: Path, cwd: Path, env: dict[str, str] | None = None
+    argv: list[str],
+    *,
+    log_path: Path,
+    cwd: Path,
+    lab_home: Path,
+    env: dict[str, str] | None = None,
 ) -> Spawned:
-    """Start ``argv`` detached; its output goes to ``log_path``."""
+    """Start ``argv`` detached; its output goes to ``log_path``.
+
+    The process carries ``DSLAB_LAB_HOME`` in its environment and runs in
+    ``cwd``, so that ``processes_using`` can find it without a state file.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**(os.environ if env is None else env), LAB_MARKER: str(lab_home)}
     done = subprocess.run(
         ["/bin/sh", "-c", _SPAWN_SCRIPT, "sh", str(log_path), *argv],
         cwd=cwd,
@@ -130,9 +144,16 @@ def stop_processes(
         signal_process(record, signal.SIGTERM)
 
     deadline = time.monotonic() + grace_s
+    next_term = time.monotonic() + TERM_REPEAT_S
     waiting = list(alive)
     while waiting and time.monotonic() < deadline:
         waiting = [record for record in waiting if record.is_alive()]
+        if waiting and time.monotonic() > next_term:
+            # Redis refuses a SIGTERM while it writes its first AOF ("Writing
+            # initial AOF, can't exit") and does not retry; asking again works.
+            for record in waiting:
+                signal_process(record, signal.SIGTERM)
+            next_term = time.monotonic() + TERM_REPEAT_S
         if waiting:
             time.sleep(POLL_S)
     for record in waiting:
@@ -150,19 +171,28 @@ def _wait_gone(pid: int, started_at: float, timeout_s: float = 5.0) -> None:
 
 
 def processes_using(home: Path) -> list[psutil.Process]:
-    """Live processes whose command line names a path inside ``home``.
+    """Live processes that dslab started for the lab in ``home``.
 
-    Every lab process is started with a config or data path under the lab's
-    home, so this finds them even when ``state.json`` is lost or damaged.
+    Found without any state file, so ``lab down --force`` works when
+    ``state.json`` is lost or damaged. A process counts when it carries the
+    ``DSLAB_LAB_HOME`` marker that ``spawn_detached`` puts in its environment,
+    or, for Redis, which overwrites its own environment and process title
+    when it renames itself, when it is a ``redis-server`` running in a folder
+    of the lab. The working directory alone would not be safe: a person's
+    shell may sit there.
     """
-    marker = str(home.absolute()) + os.sep
+    wanted = str(home.absolute())
     found = []
-    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+    for process in psutil.process_iter(["pid", "name", "status"]):
         with contextlib.suppress(psutil.Error):
             if process.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            cmdline = process.info["cmdline"] or []
-            if process.pid != os.getpid() and any(marker in arg for arg in cmdline):
+            if process.pid == os.getpid():
+                continue
+            if process.info["name"] == "redis-server":
+                if process.cwd().startswith(wanted + os.sep):
+                    found.append(process)
+            elif process.environ().get(LAB_MARKER) == wanted:
                 found.append(process)
     return found
 

@@ -1,0 +1,5 @@
+"""``python -m dslab`` runs the same command as the ``dslab`` script."""
+
+from dslab.cli.app import main
+
+main()
