@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dslab.cli.output import console, note, print_json
 from dslab.errors import UsageError
+from dslab.lab import bench as lab_bench
 from dslab.lab.lab import Lab, LabStatus
 from dslab.lab.supervisor import log_tail
 from dslab.settings import Persistence, Topology
@@ -177,6 +178,52 @@ def logs(
     typer.echo(log_tail(path, lines))
     if follow:
         _follow(path)
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    topology: Annotated[
+        Topology, typer.Option("--topology", "-t", help="Topology to time.")
+    ] = Topology.CLUSTER,
+    runs: Annotated[int, typer.Option("--runs", "-n", help="Fresh labs to time.")] = 5,
+    as_json: JsonOption = False,
+) -> None:
+    """Time start-up and failover of fresh labs (in temporary folders).
+
+    Start-up is compared with a standalone node started in the same run;
+    failover (kill -9 of a primary until a replica serves as primary) with
+    the configured failure-detection timeout.
+    """
+    if runs < 1:
+        raise UsageError(f"--runs {runs} must be at least 1")
+    settings = ctx.obj.lab_settings()
+    result = lab_bench.bench(topology, runs, settings,
+                             progress=None if as_json else note)
+    up_s = result.summary(result.up_s)
+    baseline_s = result.summary(result.baseline_up_s)
+    failover_s = result.summary(result.failover_s)
+    if as_json:
+        print_json({"topology": result.topology, "runs": runs,
+                    "up_s": up_s, "baseline_up_s": baseline_s,
+                    "failover_s": failover_s, "detection_ms": result.detection_ms,
+                    "samples": asdict(result)})
+        return
+    table = Table(title=f"{topology.value} lab, {runs} runs", title_justify="left")
+    for column in ("measure", "min", "median", "max", "ratio (median)"):
+        table.add_column(column)
+    table.add_row("up until ready (s)", *_fmt(up_s),
+                  f"{up_s['median'] / baseline_s['median']:.1f}x standalone")
+    table.add_row("standalone up (s)", *_fmt(baseline_s), "1.0x")
+    if failover_s:
+        table.add_row("failover (s)", *_fmt(failover_s),
+                      f"{failover_s['median'] * 1000 / result.detection_ms:.1f}x "
+                      f"detection timeout ({result.detection_ms} ms)")
+    console.print(table)
+
+
+def _fmt(summary: dict[str, float]) -> list[str]:
+    return [f"{summary[key]:.2f}" for key in ("min", "median", "max")]
 
 
 def _follow(path: Path) -> None:

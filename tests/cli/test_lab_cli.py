@@ -170,3 +170,19 @@ def test_kill_9_of_dslab_during_up_is_cleaned_by_down(
     run_dslab("lab", "down", env=lab_env, check=True)
 
     assert processes_using(home) == []
+
+
+def test_bench_times_a_fresh_lab_and_leaves_nothing(
+    lab_env: dict[str, str],
+) -> None:
+    """`lab bench` reports start-up figures with a same-run baseline, in its own
+    temporary labs, without touching the user's lab folder."""
+    done = run_dslab("lab", "bench", "-t", "standalone", "-n", "1", "--json",
+                     env=lab_env, check=True)
+    document = json.loads(done.stdout)
+
+    assert document["runs"] == 1
+    assert document["up_s"]["median"] > 0
+    assert document["baseline_up_s"]["median"] > 0
+    assert document["failover_s"] == {}
+    assert not Path(lab_env["DSLAB_HOME"]).exists()
