@@ -1,0 +1,489 @@
+"""The fault proxy against a real echo server, a real Redis and a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from dslab.chaos.proxy import (
+    BURST_S,
+    Direction,
+    FaultProxy,
+    Faults,
+    ProxyControl,
+    ProxyUnreachable,
+    main,
+)
+from dslab.errors import EXIT_USAGE, UsageError
+from tests.chaos.conftest import PROXY_SEED
+from tests.conftest import StartLab
+
+# Generous bound on any single wait in these tests; only a hang reaches it.
+STEP_TIMEOUT_S = 10.0
+# How long a blackholed client waits before the test calls it silent.
+SILENCE_S = 0.3
+READY_TIMEOUT_S = 15.0
+
+
+async def _connect(
+    proxy: FaultProxy,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(*proxy.address)
+
+
+async def _round_trip(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> bytes:
+    writer.write(data)
+    await writer.drain()
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        return await reader.readexactly(len(data))
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+def _redis_address(start_lab: StartLab) -> tuple[str, int]:
+    return start_lab().redis_target().addresses[0]
+
+
+def _async_client(proxy: FaultProxy, *, socket_timeout: float) -> aioredis.Redis:
+    """A client that fails at once: no retries hiding what the fault did."""
+    host, port = proxy.address
+    return aioredis.Redis(
+        host=host,
+        port=port,
+        socket_timeout=socket_timeout,
+        retry=AsyncRetry(NoBackoff(), 0),
+    )
+
+
+# -- faults as data --------------------------------------------------------
+
+
+def test_faults_refuse_probability_outside_unit_interval() -> None:
+    """A probability above 1 is a usage error, not silently clamped."""
+    with pytest.raises(UsageError, match="probability"):
+        Faults(probability=1.5)
+
+
+def test_faults_from_dict_refuses_unknown_keys_and_wrong_types() -> None:
+    """Control input with a typo or a string for a bool is refused."""
+    with pytest.raises(UsageError, match="unknown fault"):
+        Faults.from_dict({"latency": 100})
+    with pytest.raises(UsageError, match="true or false"):
+        Faults.from_dict({"blackhole": "yes"})
+
+
+@given(
+    latency_ms=st.floats(0, 10_000),
+    jitter_ms=st.floats(0, 1_000),
+    bandwidth=st.none() | st.integers(1, 10**9),
+    blackhole=st.booleans(),
+    reset=st.booleans(),
+    close_after=st.none() | st.integers(0, 10**9),
+    probability=st.floats(0, 1),
+)
+def test_faults_round_trip_through_json(
+    latency_ms: float,
+    jitter_ms: float,
+    bandwidth: int | None,
+    blackhole: bool,
+    reset: bool,
+    close_after: int | None,
+    probability: float,
+) -> None:
+    """Any valid Faults survives to_dict -> JSON -> from_dict unchanged."""
+    faults = Faults(
+        latency_ms, jitter_ms, bandwidth, blackhole, reset, close_after, probability
+    )
+
+    assert Faults.from_dict(json.loads(json.dumps(faults.to_dict()))) == faults
+
+
+def test_proxy_refuses_non_loopback_listen_address() -> None:
+    """Listening on 0.0.0.0 needs an explicit opt-in (the network rule)."""
+    with pytest.raises(UsageError, match="not loopback"):
+        FaultProxy(("127.0.0.1", 6379), listen=("0.0.0.0", 0))
+
+    FaultProxy(("127.0.0.1", 6379), listen=("0.0.0.0", 0), allow_non_loopback=True)
+
+
+def test_entry_point_refuses_non_loopback_with_usage_exit_code() -> None:
+    """`python -m dslab.chaos.proxy --listen 0.0.0.0:0` exits 2 before binding."""
+    code = main(["--listen", "0.0.0.0:0", "--upstream", "127.0.0.1:6379"])
+
+    assert code == EXIT_USAGE
+
+
+# -- against the echo server -----------------------------------------------
+
+
+async def test_healthy_proxy_forwards_bytes_and_counts_them(
+    echo_proxy: FaultProxy,
+) -> None:
+    """Without faults bytes come back unchanged and the stats count them."""
+    reader, writer = await _connect(echo_proxy)
+    payload = os.urandom(1000)
+
+    echoed = await _round_trip(reader, writer, payload)
+    await _close(writer)
+
+    assert echoed == payload
+    assert echo_proxy.stats.connections_total == 1
+    assert echo_proxy.stats.bytes_upstream == 1000
+    assert echo_proxy.stats.bytes_downstream == 1000
+
+
+async def test_blackhole_silences_live_connection_and_clear_releases_held_bytes(
+    echo_proxy: FaultProxy,
+) -> None:
+    """A blackhole holds bytes of an open connection; clearing delivers them."""
+    reader, writer = await _connect(echo_proxy)
+    await _round_trip(reader, writer, b"before")
+
+    echo_proxy.set_faults(None, Faults(blackhole=True))
+    writer.write(b"held")
+    await writer.drain()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(SILENCE_S):
+            await reader.readexactly(4)
+    echo_proxy.clear()
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        released = await reader.readexactly(4)
+    await _close(writer)
+
+    assert released == b"held"
+
+
+async def test_reset_aborts_live_connection_with_rst(echo_proxy: FaultProxy) -> None:
+    """Setting reset kills open connections with RST, not an orderly close."""
+    reader, writer = await _connect(echo_proxy)
+    await _round_trip(reader, writer, b"ping")
+
+    echo_proxy.set_faults(Direction.DOWNSTREAM, Faults(reset=True))
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(STEP_TIMEOUT_S):
+            await reader.read(1)
+    writer.close()
+
+    assert echo_proxy.stats.resets == 1
+
+
+async def test_close_after_bytes_forwards_exactly_n_bytes_then_closes(
+    echo_proxy: FaultProxy,
+) -> None:
+    """close_after_bytes=10 downstream: the client gets 10 bytes, then EOF."""
+    echo_proxy.set_faults(Direction.DOWNSTREAM, Faults(close_after_bytes=10))
+    reader, writer = await _connect(echo_proxy)
+    payload = bytes(range(100))
+
+    writer.write(payload)
+    await writer.drain()
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        received = await reader.read()
+    await _close(writer)
+
+    assert received == payload[:10]
+    assert echo_proxy.stats.closed_after_bytes == 1
+
+
+async def test_jitter_never_reorders_bytes_of_a_large_payload(
+    echo_proxy: FaultProxy,
+) -> None:
+    """4 MiB through latency 2ms +/- 2ms both ways comes back byte for byte."""
+    echo_proxy.set_faults(None, Faults(latency_ms=2, jitter_ms=2))
+    reader, writer = await _connect(echo_proxy)
+    payload = os.urandom(4 * 1024 * 1024)
+
+    async def send() -> None:
+        for start in range(0, len(payload), 8192):
+            writer.write(payload[start : start + 8192])
+            await writer.drain()
+
+    async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+        group.create_task(send())
+        received = group.create_task(reader.readexactly(len(payload)))
+    await _close(writer)
+
+    assert received.result() == payload
+
+
+async def test_latency_change_reaches_bytes_already_queued(
+    echo_proxy: FaultProxy,
+) -> None:
+    """Lowering the latency re-times queued chunks instead of keeping 60 s."""
+    reader, writer = await _connect(echo_proxy)
+    echo_proxy.set_faults(Direction.UPSTREAM, Faults(latency_ms=60_000))
+    writer.write(b"late")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+
+    echo_proxy.set_faults(Direction.UPSTREAM, Faults())
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        echoed = await reader.readexactly(4)
+    await _close(writer)
+
+    assert echoed == b"late"
+
+
+async def test_bandwidth_limit_spreads_transfer_over_time(
+    echo_proxy: FaultProxy,
+) -> None:
+    """At 100 kB/s downstream, 50 kB take at least (50 kB - one burst) / rate."""
+    rate = 100_000
+    size = 50_000
+    echo_proxy.set_faults(Direction.DOWNSTREAM, Faults(bandwidth_bytes_per_s=rate))
+    reader, writer = await _connect(echo_proxy)
+
+    started = time.monotonic()
+    echoed = await _round_trip(reader, writer, b"b" * size)
+    elapsed = time.monotonic() - started
+    await _close(writer)
+
+    assert echoed == b"b" * size
+    assert elapsed >= (size - rate * BURST_S) / rate
+
+
+async def _reset_pattern(
+    upstream: tuple[str, int], seed: int, connections: int
+) -> list[bool]:
+    """Which of `connections` sequential connections a 50% reset hits."""
+    pattern = []
+    async with FaultProxy(upstream, seed=seed) as proxy:
+        proxy.set_faults(Direction.UPSTREAM, Faults(reset=True, probability=0.5))
+        for _ in range(connections):
+            reader, writer = await _connect(proxy)
+            try:
+                await _round_trip(reader, writer, b"?")
+                pattern.append(False)
+            except (ConnectionResetError, asyncio.IncompleteReadError):
+                pattern.append(True)
+            writer.close()
+    return pattern
+
+
+async def test_probability_is_reproducible_with_the_same_seed(
+    echo_server: tuple[str, int],
+) -> None:
+    """The same seed hits the same connections; 50% hits some and spares some."""
+    first = await _reset_pattern(echo_server, PROXY_SEED, 16)
+    second = await _reset_pattern(echo_server, PROXY_SEED, 16)
+
+    assert first == second
+    assert any(first)
+    assert not all(first)
+
+
+async def test_probability_zero_spares_every_connection(
+    echo_proxy: FaultProxy,
+) -> None:
+    """A fault with probability 0 hits no connection."""
+    echo_proxy.set_faults(None, Faults(reset=True, probability=0.0))
+
+    for _ in range(5):
+        reader, writer = await _connect(echo_proxy)
+        assert await _round_trip(reader, writer, b"ok") == b"ok"
+        await _close(writer)
+
+
+# -- in front of a real Redis ------------------------------------------------
+
+
+async def test_redis_ping_through_proxy(start_lab: StartLab) -> None:
+    """A Redis client pointed at the proxy reaches redis-1."""
+    async with FaultProxy(_redis_address(start_lab)) as proxy:
+        client = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        try:
+            assert await client.ping() is True
+        finally:
+            await client.aclose()
+
+
+async def test_redis_latency_adds_at_least_the_configured_delay(
+    start_lab: StartLab,
+) -> None:
+    """With 150 ms upstream latency a PING takes at least 150 ms."""
+    async with FaultProxy(_redis_address(start_lab)) as proxy:
+        client = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        try:
+            await client.ping()  # connect first: measure the command only
+            proxy.set_faults(Direction.UPSTREAM, Faults(latency_ms=150))
+            started = time.monotonic()
+            await client.ping()
+            elapsed = time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    assert elapsed >= 0.150
+
+
+async def test_redis_blackhole_times_client_out_and_clear_restores(
+    start_lab: StartLab,
+) -> None:
+    """A blackholed Redis times the client out; after clear PING works again."""
+    async with FaultProxy(_redis_address(start_lab)) as proxy:
+        proxy.set_faults(None, Faults(blackhole=True))
+        silenced = _async_client(proxy, socket_timeout=SILENCE_S)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await silenced.ping()
+        finally:
+            await silenced.aclose()
+
+        proxy.clear()
+        healed = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        try:
+            assert await healed.ping() is True
+        finally:
+            await healed.aclose()
+
+
+async def test_redis_reset_gives_connection_error(start_lab: StartLab) -> None:
+    """With reset set, a Redis client gets ConnectionError, not a hang."""
+    async with FaultProxy(_redis_address(start_lab)) as proxy:
+        proxy.set_faults(None, Faults(reset=True))
+        client = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await client.ping()
+        finally:
+            await client.aclose()
+
+
+# -- as a separate process, driven over HTTP ---------------------------------
+
+
+@pytest.fixture
+def proxy_process(
+    start_lab: StartLab, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
+    """`python -m dslab.chaos.proxy` in front of redis-1; yields (process, ready)."""
+    host, port = _redis_address(start_lab)
+    stderr = (tmp_path / "proxy.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dslab.chaos.proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"{host}:{port}",
+            "--control",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        readable, _, _ = select.select([process.stdout], [], [], READY_TIMEOUT_S)
+        assert readable, "the proxy printed no ready line"
+        ready = json.loads(process.stdout.readline())
+        yield process, ready
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=READY_TIMEOUT_S)
+        if process.stdout is not None:
+            process.stdout.close()
+        stderr.close()
+
+
+def test_control_api_from_another_process_and_sigterm_stops_it(
+    proxy_process: tuple[subprocess.Popen[str], dict[str, object]],
+) -> None:
+    """Faults set over HTTP act on a proxy process; SIGTERM ends it with 0."""
+    process, ready = proxy_process
+    host, _, port = str(ready["listen"]).rpartition(":")
+    control = ProxyControl(str(ready["control"]))
+
+    def ping(timeout_s: float) -> object:
+        client = redis.Redis(
+            host=host,
+            port=int(port),
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            return client.ping()
+        finally:
+            client.close()
+
+    assert ping(STEP_TIMEOUT_S) is True
+    faults = control.set_faults("both", Faults(blackhole=True))
+    assert faults[Direction.UPSTREAM].blackhole
+    with pytest.raises(redis.TimeoutError):
+        ping(SILENCE_S)
+    assert control.stats().connections_total == 2
+    control.clear()
+    assert control.faults() == {direction: Faults() for direction in Direction}
+    assert ping(STEP_TIMEOUT_S) is True
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=READY_TIMEOUT_S) == 0
+
+
+def test_control_api_answers_bad_faults_with_400(
+    proxy_process: tuple[subprocess.Popen[str], dict[str, object]],
+) -> None:
+    """A PUT with an unknown fault name is refused with 400 and a reason."""
+    _, ready = proxy_process
+    request = urllib.request.Request(
+        f"{ready['control']}/faults",
+        data=json.dumps({"upstream": {"latency": 5}}).encode(),
+        method="PUT",
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        opener.open(request, timeout=STEP_TIMEOUT_S)
+
+    assert raised.value.code == 400
+    assert "unknown fault" in json.loads(raised.value.read())["error"]
+
+
+def test_control_client_reports_unreachable_proxy(
+    closed_port: int,
+) -> None:
+    """ProxyControl against a closed port raises ProxyUnreachable (exit 3)."""
+    control = ProxyControl(f"http://127.0.0.1:{closed_port}", timeout_s=2)
+
+    with pytest.raises(ProxyUnreachable) as raised:
+        control.faults()
+
+    assert raised.value.exit_code == 3
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port that was free a moment ago and has no listener."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
