@@ -274,15 +274,68 @@ class Lab:
             state = self.require_state()
             old = state.find(name)
             stop_processes([old])
-            record = self._spawn(old.name, old.kind, old.role, old.argv,
-                                 Path(old.dir), Path(old.log), old.port)
+            record = self._respawn(old)
             state.replace(record)
             write_state(self.settings.state_file, state)
-            wait_until(record, lambda: probe.answers(record), timeout_s=timeout_s,
-                       what="restarting")
+            wait_until(record, functools.partial(probe.ready_check, record),
+                       timeout_s=timeout_s, what="restarting")
             log.info("node restarted: %s pid=%d port=%d", name, record.pid,
                      record.port)
             return record
+
+    def launch(
+        self,
+        name: str,
+        kind: str,
+        argv: list[str],
+        *,
+        port: int,
+        role: str | None = None,
+        extra: dict[str, object] | None = None,
+        timeout_s: float = READY_TIMEOUT_S,
+    ) -> ProcessRecord:
+        """Run a service (a chat server, a shortener, a fault proxy) as part of
+        the lab: detached, recorded in the state, stopped by ``down``.
+
+        Ready when its ``extra["health_url"]`` answers 200 (or, without one,
+        when its port accepts connections). A service that fails to start is
+        stopped and forgotten, and the error carries the end of its log.
+        """
+        with locked(self.home):
+            state = self.require_state()
+            if any(r.name == name and r.is_alive() for r in state.processes):
+                raise UsageError(
+                    f"{name} is already running in the lab",
+                    fix=f"stop it first (`dslab lab down`), or restart it with "
+                    f"`dslab lab restart {name}`",
+                )
+            folder = self.home / name
+            folder.mkdir(parents=True, exist_ok=True)
+            record = self._spawn(name, kind, role or kind, argv, folder,
+                                 folder / f"{kind}.log", port)
+            record.extra = dict(extra or {})
+            state.processes = [r for r in state.processes if r.name != name]
+            state.processes.append(record)
+            write_state(self.settings.state_file, state)
+            try:
+                wait_until(record, functools.partial(probe.ready_check, record),
+                           timeout_s=timeout_s, what="starting up")
+            except BaseException:
+                with _sigint_ignored():
+                    stop_processes([record])
+                    state.processes.remove(record)
+                    write_state(self.settings.state_file, state)
+                raise
+            log.info("service started: %s pid=%d port=%d", name, record.pid, port)
+            return record
+
+    def next_name(self, kind: str) -> str:
+        """The first free ``kind-N`` name (``chat-1``, ``chat-2``...)."""
+        taken = {record.name for record in self.require_state().processes}
+        index = 1
+        while f"{kind}-{index}" in taken:
+            index += 1
+        return f"{kind}-{index}"
 
     def log_path(self, name: str) -> Path:
         return Path(self.node(name).log)
@@ -321,13 +374,11 @@ class Lab:
         """A matching lab runs already: bring back any node that died."""
         revived = []
         for record in state.processes:
-            if record.kind in ("redis", "sentinel") and not record.is_alive():
-                fresh = self._spawn(record.name, record.kind, record.role,
-                                    record.argv, Path(record.dir), Path(record.log),
-                                    record.port)
+            if not record.is_alive():
+                fresh = self._respawn(record)
                 state.replace(fresh)
                 write_state(self.settings.state_file, state)
-                wait_until(fresh, functools.partial(probe.answers, fresh),
+                wait_until(fresh, functools.partial(probe.ready_check, fresh),
                            timeout_s=timeout_s, what="restarting")
                 revived.append(record.name)
         return UpResult(state, None, revived)
@@ -358,6 +409,12 @@ class Lab:
             wait_until(record, ready, timeout_s=timeout_s, what="starting up")
             log.info("node ready: %s pid=%d port=%d", record.name, record.pid,
                      record.port)
+
+    def _respawn(self, old: ProcessRecord) -> ProcessRecord:
+        fresh = self._spawn(old.name, old.kind, old.role, old.argv, Path(old.dir),
+                            Path(old.log), old.port)
+        fresh.extra = old.extra
+        return fresh
 
     def _spawn(
         self, name: str, kind: str, role: str, argv: list[str], node_dir: Path,

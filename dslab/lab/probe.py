@@ -7,6 +7,8 @@ not answer within ``PROBE_TIMEOUT_S`` is reported as not answering.
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -129,11 +131,52 @@ class NodeHealth:
         return self.process == "running" and self.answering
 
 
+REDIS_KINDS = ("redis", "sentinel")
+
+
+def service_answers(record: ProcessRecord, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """A service (chat, shortener, proxy) answers its health URL with 200."""
+    url = record.extra.get("health_url")
+    if not url:
+        return port_accepts(record.host, record.port, timeout_s)
+    # Loopback only: never let an http_proxy setting route the probe elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(str(url), timeout=timeout_s) as response:
+            return int(response.status) == 200
+    except (OSError, ValueError):
+        return False
+
+
+def port_accepts(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def ready_check(record: ProcessRecord) -> bool:
+    """Is this process serving? The check that fits its kind."""
+    if record.kind in REDIS_KINDS:
+        return answers(record)
+    return service_answers(record)
+
+
 def inspect_node(record: ProcessRecord, process: str) -> NodeHealth:
-    """Ask a Redis node or Sentinel for its role and vital signs."""
+    """Ask a Redis node, Sentinel or service for its role and vital signs."""
     health = NodeHealth(record.name, record.kind, record.pid, record.address,
                         process, answering=False)
     if process == "dead":
+        return health
+    if record.kind not in REDIS_KINDS:
+        health.role = record.role
+        health.answering = service_answers(record)
+        health.detail.update(
+            {key: value for key, value in record.extra.items() if key == "url"}
+        )
+        if not health.answering:
+            health.error = "not answering its health check"
         return health
     try:
         with connect(record.host, record.port) as client:

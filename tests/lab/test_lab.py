@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import psutil
@@ -267,3 +268,51 @@ def test_home_folder_is_used_for_every_node(start_lab: StartLab) -> None:
     assert folder.parent == lab.home
     assert (folder / "redis.conf").exists()
     assert Path(node.log).exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return int(probe_socket.getsockname()[1])
+
+
+def _http_server(port: int) -> list[str]:
+    return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+
+
+def test_a_launched_service_is_supervised_like_a_node(start_lab: StartLab) -> None:
+    """A service started through the lab (a real HTTP server here) is recorded,
+    health-checked in status, restarted after kill -9, and stopped by down."""
+    lab = start_lab()
+    port = _free_port()
+    name = lab.next_name("web")
+    record = lab.launch(name, "web", _http_server(port), port=port,
+                        extra={"health_url": f"http://127.0.0.1:{port}/"})
+
+    assert name == "web-1"
+    assert lab.next_name("web") == "web-2"
+    health = {n.name: n for n in lab.status().nodes}
+    assert health["web-1"].healthy
+
+    os.kill(record.pid, signal.SIGKILL)
+    eventually(lambda: not record.is_alive(), timeout_s=5)
+    assert {n.name: n for n in lab.status().nodes}["web-1"].process == "dead"
+    again = lab.restart("web-1")
+    assert again.is_alive()
+
+    result = lab.down()
+    assert "web-1" in result.stopped
+    assert processes_using(lab.home) == []
+
+
+def test_a_service_that_cannot_start_is_forgotten(start_lab: StartLab) -> None:
+    """A service that exits at once is reported with its log and not recorded."""
+    lab = start_lab()
+    port = _free_port()
+
+    with pytest.raises(NodeStartFailed) as caught:
+        lab.launch("web-1", "web", [sys.executable, "-c", "raise SystemExit('no')"],
+                   port=port, extra={"health_url": f"http://127.0.0.1:{port}/"})
+
+    assert "no" in caught.value.message
+    assert [r.name for r in lab.require_state().processes] == ["redis-1"]
