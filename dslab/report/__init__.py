@@ -1,0 +1,1 @@
+"""Run files, latency histograms, SLO evaluation and the reports built on them."""

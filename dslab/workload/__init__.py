@@ -1,0 +1,1 @@
+"""Load generators (chat, HTTP) and the history checkers that judge their runs."""
