@@ -25,6 +25,9 @@ from dslab.settings import RedisKind, RedisTarget
 # noticed within a Sentinel or Cluster failover window.
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
+# redis-py's Cluster client fails a command outright once 100 connections to
+# one node are busy; a server under load may have more commands in flight.
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 1024
 
 
 def _common(target: RedisTarget, decode: bool) -> dict[str, Any]:
@@ -60,7 +63,11 @@ def async_client(target: RedisTarget, *, decode: bool = True) -> Any:
     options = _common(target, decode)
     if target.kind is RedisKind.CLUSTER:
         nodes = [AsyncClusterNode(host, port) for host, port in target.addresses]
-        return AsyncRedisCluster(startup_nodes=nodes, **options)
+        return AsyncRedisCluster(
+            startup_nodes=nodes,
+            max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
+            **options,
+        )
     if target.kind is RedisKind.SENTINEL:
         sentinel = AsyncSentinel(
             list(target.addresses),

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from dslab import __version__
-from dslab.cli import doctor, lab, later
+from dslab.cli import doctor, lab, later, shorten
 from dslab.cli.output import err_console
 from dslab.errors import DslabError
 from dslab.logs import setup_logging
@@ -82,8 +82,9 @@ def root(
 
 
 app.add_typer(lab.app, name="lab")
+app.add_typer(shorten.app, name="shorten")
 app.command("doctor")(doctor.doctor)
-later.register(app)
+later.register(app, only=["chat", "chaos", "report", "exercise"])
 
 
 def main() -> None:

@@ -251,8 +251,10 @@ def _status_json(current: LabStatus) -> dict[str, Any]:
 
 def _render_status(current: LabStatus, lab: Lab) -> None:
     state = current.state
+    server = state.redis_server
     table = Table(
-        title=f"{state.topology} lab, persistence {state.persistence}",
+        title=f"{state.topology} lab, persistence {state.persistence}, "
+        f"redis-server {server.get('version')} ({server.get('source')})",
         title_justify="left",
     )
     for column in ("node", "role", "health", "pid", "address", "details"):
@@ -278,7 +280,7 @@ def _render_status(current: LabStatus, lab: Lab) -> None:
 
 def _details(detail: dict[str, Any]) -> str:
     parts = []
-    for key in ("slots", "offset", "primary", "link", "other_sentinels",
+    for key in ("url", "slots", "offset", "primary", "link", "other_sentinels",
                 "replicas", "keys", "memory", "cluster_state"):
         value = detail.get(key)
         if value not in (None, ""):
