@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from dslab import __version__
-from dslab.cli import doctor, lab, later, shorten
+from dslab.cli import doctor, lab, later, report, shorten
 from dslab.cli.output import err_console
 from dslab.errors import DslabError
 from dslab.logs import setup_logging
@@ -83,8 +83,9 @@ def root(
 
 app.add_typer(lab.app, name="lab")
 app.add_typer(shorten.app, name="shorten")
+app.add_typer(report.app, name="report")
 app.command("doctor")(doctor.doctor)
-later.register(app, only=["chat", "chaos", "report", "exercise"])
+later.register(app, only=["chat", "chaos", "exercise"])
 
 
 def main() -> None:
