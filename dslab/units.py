@@ -17,9 +17,11 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:/\s*(ms|s|m|h))?\s*$")
 
 
-def parse_duration(text: str, *, what: str = "duration") -> float:
+def parse_duration(
+    text: str, *, what: str = "duration", max_s: float | None = None
+) -> float:
     """Seconds in ``text``: ``250ms``, ``10s``, ``2m``, ``1.5h``, ``7d``, ``2w``;
-    a bare number means seconds."""
+    a bare number means seconds. Longer than ``max_s`` is refused."""
     match = _DURATION_RE.match(text)
     if not match:
         raise UsageError(
@@ -30,6 +32,11 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
     seconds = float(number) * _SECONDS_PER_UNIT[unit or "s"]
     if seconds <= 0:
         raise UsageError(f"{what} {text!r} must be longer than zero")
+    if max_s is not None and seconds > max_s:
+        raise UsageError(
+            f"{what} {text!r} is longer than the limit of {max_s:g} s",
+            fix="give a shorter duration (a unit typo such as h for s?)",
+        )
 
     return seconds
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dslab.chaos.heal import heal_all
 from dslab.lab.lab import Lab
 from dslab.settings import LabSettings, Persistence, Topology
 
@@ -41,6 +42,10 @@ def lab_env(lab_settings: LabSettings) -> dict[str, str]:
 StartLab = Callable[..., Lab]
 
 
+def _heal_faults(home: Path) -> list[str]:
+    return [result.fault.describe() for result in heal_all(home)]
+
+
 @pytest.fixture
 def start_lab(lab_settings: LabSettings) -> Iterator[StartLab]:
     """Factory: start a topology in this test's folder; downed after the test."""
@@ -51,7 +56,7 @@ def start_lab(lab_settings: LabSettings) -> Iterator[StartLab]:
         persistence: Persistence = Persistence.EVERYSEC,
         **options: object,
     ) -> Lab:
-        lab = Lab(lab_settings)
+        lab = Lab(lab_settings, heal_faults=_heal_faults)
         labs.append(lab)
         lab.up(topology, persistence, **options)  # type: ignore[arg-type]
         return lab

@@ -8,18 +8,17 @@ render the result. Errors are caught once, here: a ``DslabError`` prints
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dslab import __version__
-from dslab.cli import doctor, lab, later, report, shorten
+from dslab.cli import chaos, doctor, lab, later, report, shorten
+from dslab.cli.context import CliContext
 from dslab.cli.output import err_console
 from dslab.errors import DslabError
 from dslab.logs import setup_logging
-from dslab.settings import LabSettings
 
 HELP = """\
 dslab: a lab for learning distributed systems on Redis.
@@ -41,15 +40,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-@dataclass
-class CliContext:
-    home: Path | None
-    verbosity: int
-
-    def lab_settings(self, redis_server: str | None = None) -> LabSettings:
-        return LabSettings.build(home=self.home, redis_server=redis_server)
 
 
 def _version(value: bool) -> None:
@@ -84,8 +74,9 @@ def root(
 app.add_typer(lab.app, name="lab")
 app.add_typer(shorten.app, name="shorten")
 app.add_typer(report.app, name="report")
+app.add_typer(chaos.app, name="chaos")
 app.command("doctor")(doctor.doctor)
-later.register(app, only=["chat", "chaos", "exercise"])
+later.register(app, only=["chat", "exercise"])
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from dslab.cli.context import lab_of
 from dslab.cli.output import console, note, print_json
 from dslab.errors import UsageError
 from dslab.lab import bench as lab_bench
@@ -37,7 +38,7 @@ FOLLOW_POLL_S = 0.25
 
 
 def _lab(ctx: typer.Context, redis_server: str | None = None) -> Lab:
-    return Lab(ctx.obj.lab_settings(redis_server))
+    return lab_of(ctx, redis_server)
 
 
 @app.command()
@@ -139,6 +140,9 @@ def down(
     if as_json:
         print_json(asdict(result))
         return
+    if result.healed:
+        console.print(f"Healed {len(result.healed)} fault(s): "
+                      f"{'; '.join(result.healed)}.")
     if not (result.stopped or result.already_dead or result.strays):
         console.print("No lab was running; nothing to stop.")
         return

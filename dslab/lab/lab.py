@@ -84,8 +84,9 @@ class UpResult:
 class DownResult:
     stopped: list[str]  # names that were alive and were stopped
     already_dead: list[str]
-    strays: list[int]  # pids found by command line, not in the state
+    strays: list[int]  # pids found by their marker, not in the state
     removed_data: bool
+    healed: list[str] = field(default_factory=list)  # faults undone first
 
 
 @dataclass
@@ -112,9 +113,18 @@ def process_condition(record: ProcessRecord) -> str:
 
 
 class Lab:
-    def __init__(self, settings: LabSettings) -> None:
+    def __init__(
+        self,
+        settings: LabSettings,
+        *,
+        heal_faults: Callable[[Path], list[str]] | None = None,
+    ) -> None:
+        """``heal_faults(home)`` runs first in ``down`` and says what it healed:
+        the chaos layer passes its journal's heal here (the lab itself knows
+        nothing of faults)."""
         self.settings = settings
         self.home = settings.home
+        self.heal_faults = heal_faults
 
     def __enter__(self) -> Lab:
         return self
@@ -240,7 +250,9 @@ class Lab:
             return UpResult(state, binary, [plan.name for plan in plans], seconds)
 
     def down(self, *, force: bool = False, keep_data: bool = False) -> DownResult:
-        """Stop everything the lab started and forget it; safe to repeat."""
+        """Heal every fault, stop everything the lab started and forget it;
+        safe to repeat."""
+        healed = self.heal_faults(self.home) if self.heal_faults else []
         with locked(self.home):
             try:
                 state = self.state()
@@ -264,7 +276,7 @@ class Lab:
                 log.info("node stopped: %s", name)
 
             return DownResult(stopped, already_dead, [p.pid for p in strays],
-                              removed_data=not keep_data)
+                              removed_data=not keep_data, healed=healed)
 
     def restart(
         self, name: str, *, timeout_s: float = READY_TIMEOUT_S
