@@ -874,4 +874,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this ``__main__`` copy, so log lines carry
+    # the ``dslab.chaos.proxy`` logger name that the log setup routes.
+    from dslab.chaos import proxy as _module
+
+    sys.exit(_module.main())
