@@ -25,9 +25,10 @@ from dslab.settings import RedisKind, RedisTarget
 # noticed within a Sentinel or Cluster failover window.
 SOCKET_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
-# redis-py's Cluster client fails a command outright once 100 connections to
-# one node are busy; a server under load may have more commands in flight.
-CLUSTER_MAX_CONNECTIONS_PER_NODE = 1024
+# redis-py's asyncio pools fail a command outright once 100 connections are
+# busy; a server holds one per followed chat room (XREAD BLOCK) plus its
+# commands in flight, so it may need more. Per node on Cluster.
+MAX_CONNECTIONS = 1024
 
 
 def _common(target: RedisTarget, decode: bool) -> dict[str, Any]:
@@ -58,16 +59,14 @@ def sync_client(target: RedisTarget, *, decode: bool = True) -> Any:
     return redis.Redis(host=host, port=port, db=target.db, **options)
 
 
-def async_client(target: RedisTarget, *, decode: bool = True) -> Any:
+def async_client(
+    target: RedisTarget, *, decode: bool = True, max_connections: int = MAX_CONNECTIONS
+) -> Any:
     """An asyncio client for ``target``; close it with ``await client.aclose()``."""
-    options = _common(target, decode)
+    options = {**_common(target, decode), "max_connections": max_connections}
     if target.kind is RedisKind.CLUSTER:
         nodes = [AsyncClusterNode(host, port) for host, port in target.addresses]
-        return AsyncRedisCluster(
-            startup_nodes=nodes,
-            max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
-            **options,
-        )
+        return AsyncRedisCluster(startup_nodes=nodes, **options)
     if target.kind is RedisKind.SENTINEL:
         sentinel = AsyncSentinel(
             list(target.addresses),

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from dslab import __version__
-from dslab.cli import chaos, doctor, lab, later, report, shorten
+from dslab.cli import chaos, chat, doctor, lab, later, report, shorten
 from dslab.cli.context import CliContext
 from dslab.cli.output import err_console
 from dslab.errors import DslabError
@@ -72,11 +72,12 @@ def root(
 
 
 app.add_typer(lab.app, name="lab")
+app.add_typer(chat.app, name="chat")
 app.add_typer(shorten.app, name="shorten")
 app.add_typer(report.app, name="report")
 app.add_typer(chaos.app, name="chaos")
 app.command("doctor")(doctor.doctor)
-later.register(app, only=["chat", "exercise"])
+later.register(app, only=["exercise"])
 
 
 def main() -> None:

@@ -50,11 +50,16 @@ def choose_ports(count: int, port: int | None, default_start: int) -> list[int]:
 
 
 def launch(
-    lab: Lab, kind: str, module: str, args: list[str], port: int
+    lab: Lab, kind: str, module: str, args: list[str], port: int,
+    *, name_flag: str | None = None,
 ) -> ProcessRecord:
-    """Start ``python -m module args...`` listening on ``port`` as a lab service."""
+    """Start ``python -m module args...`` listening on ``port`` as a lab service
+    named ``kind-N``; with ``name_flag`` the process is told its name too."""
+    name = lab.next_name(kind)
     url = f"http://{LOOPBACK_HOST}:{port}"
     argv = [sys.executable, "-m", module, "--host", LOOPBACK_HOST,
             "--port", str(port), *args]
-    return lab.launch(lab.next_name(kind), kind, argv, port=port,
+    if name_flag:
+        argv += [name_flag, name]
+    return lab.launch(name, kind, argv, port=port,
                       extra={"url": url, "health_url": f"{url}/healthz"})

@@ -1,0 +1,91 @@
+"""The consumer-group worker pool: every message processed exactly once,
+also when a worker is killed with entries in hand."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dslab.chat.store import ChatStore, log_key
+from dslab.chat.worker import WORKER_GROUP, mentions_key, stats_key
+from dslab.settings import RedisTarget
+
+MESSAGES = 200
+WAIT_S = 30.0
+
+
+@pytest.fixture
+def start_worker(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Any]:
+    """Factory of worker processes; every one is killed after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dslab.chat.worker", "--redis",
+                 redis_target.url(with_password=True), "--room", "r",
+                 "--name", name, "--work-ms", "10"],
+                stdout=subprocess.DEVNULL, stderr=handle,
+                cwd=Path(__file__).parents[2],
+            )
+        started.append(process)
+        deadline = time.monotonic() + 15
+        while "chat worker ready" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, \
+                log.read_text()
+            time.sleep(0.05)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+
+
+async def has_pending(redis_client: Any, consumer: str) -> bool:
+    rows = await redis_client.xpending_range(
+        log_key("r"), WORKER_GROUP, min="-", max="+", count=1000)
+    return any(row["consumer"] == consumer for row in rows)
+
+
+async def test_killed_worker_entries_are_processed_once_by_the_survivor(
+    redis_client: Any, start_worker: Any,
+) -> None:
+    """kill -9 of a worker holding unacknowledged entries: the survivor claims
+    them, and every message is counted exactly once."""
+    chat_store = ChatStore(redis_client)
+    for n in range(MESSAGES):
+        text = f"hello @ada #{n}" if n % 4 == 0 else f"plain #{n}"
+        await chat_store.append("r", f"user{n % 3}", f"c{n}", text)
+
+    doomed = start_worker("w1")
+    start_worker("w2")
+    async with asyncio.timeout(WAIT_S):
+        while not await has_pending(redis_client, "w1"):
+            await asyncio.sleep(0.01)
+    doomed.send_signal(signal.SIGKILL)
+
+    async with asyncio.timeout(WAIT_S):
+        while int(await redis_client.hget(stats_key("r"), "messages") or 0) \
+                < MESSAGES or await has_pending(redis_client, "w1"):
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # nothing may be counted twice afterwards
+    stats = await redis_client.hgetall(stats_key("r"))
+    pending = await redis_client.xpending(log_key("r"), WORKER_GROUP)
+
+    assert int(stats["messages"]) == MESSAGES
+    assert int(stats["worker:w1"]) > 0 and int(stats["worker:w2"]) > 0
+    assert pending["pending"] == 0
+    assert await redis_client.zcard(mentions_key("r", "ada")) == MESSAGES // 4
