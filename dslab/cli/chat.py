@@ -10,10 +10,10 @@ from typing import Annotated
 import typer
 
 from dslab.chat.client import ChatClient, Message
-from dslab.cli import services
 from dslab.cli.context import lab_of
 from dslab.cli.output import console, note
 from dslab.errors import EnvironmentProblem, UsageError
+from dslab.lab import services
 
 # Chat servers listen from here up unless --port says otherwise.
 DEFAULT_PORT = 8100
