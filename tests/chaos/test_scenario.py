@@ -148,7 +148,7 @@ target = "no-such-node"
     time.sleep(0.5)  # past the impossible fault's moment
     nemesis.stop()
 
-    assert [what for _, what in nemesis.applied][0] == "pause redis-1"
+    assert nemesis.applied[0][1] == "pause redis-1"
     assert len(nemesis.errors) == 1 and "no-such-node" in nemesis.errors[0]
     journal = Journal(lab.home)
     assert journal.active_faults() == []
