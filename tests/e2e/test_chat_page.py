@@ -66,3 +66,28 @@ def test_messages_appear_live_across_servers_and_after_a_crash(
     # Resumed, not replayed: every message is shown exactly once.
     assert ada.locator("#log li", has_text="hello from ada").count() == 1
     assert ada.locator("#log li", has_text="hi ada").count() == 1
+
+
+@pytest.mark.timeout(120)
+def test_reload_shows_each_message_once(
+    browser: Browser, chat_urls: dict[str, str]
+) -> None:
+    """After a reload and a new join the history is shown once, with nothing
+    doubled, and new messages keep arriving live."""
+    ada = _join(browser, chat_urls["chat-1"], "ada")
+    for index in range(3):
+        _say(ada, f"before reload {index}")
+    expect(ada.locator("#log")).to_contain_text("before reload 2")
+
+    ada.reload()
+    ada.fill("#join input[name=room]", "lobby")
+    ada.fill("#join input[name=user]", "ada")
+    ada.click("#join button")
+    expect(ada.locator("#status")).to_contain_text("live in lobby")
+    expect(ada.locator("#log")).to_contain_text("before reload 2")
+    for index in range(3):
+        assert ada.locator("#log li", has_text=f"before reload {index}").count() == 1
+
+    bob = _join(browser, chat_urls["chat-2"], "bob")
+    _say(bob, "after reload")
+    expect(ada.locator("#log")).to_contain_text("after reload")
