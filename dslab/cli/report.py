@@ -15,6 +15,7 @@ import typer
 
 from dslab.cli.output import console, note, print_json
 from dslab.errors import CheckFailed, UsageError
+from dslab.report import metrics as server_metrics
 from dslab.report.html import write_html
 from dslab.report.runfile import RunFile
 from dslab.report.slo import SloResult, evaluate, operation_figures, parse_slos
@@ -36,11 +37,11 @@ def report() -> None:
 @app.command()
 def latency(
     runs: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(help="Run files written by a bench or `chaos run`; with "
                        "several, the first is the baseline of the comparison.",
                        metavar="RUN", show_default=False),
-    ],
+    ] = None,
     slo: Annotated[
         list[str] | None,
         typer.Option("--slo", help="A constraint every run must meet, e.g. "
@@ -51,6 +52,11 @@ def latency(
         Path | None,
         typer.Option("--html", help="Also write one self-contained HTML page "
                      "with the tables and plots to this file."),
+    ] = None,
+    metrics: Annotated[
+        list[str] | None,
+        typer.Option("--metrics", help="A server's Prometheus /metrics URL: its "
+                     "own latency histograms, shown beside the runs. Repeatable."),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead of tables.")
@@ -64,7 +70,12 @@ def latency(
     verdict) fails; it never passes by default.
     """
     constraints = parse_slos(slo or [])
-    named_runs = _load(runs)
+    if not runs and not metrics:
+        raise UsageError("no run file and no --metrics URL given",
+                         fix="dslab report latency RUN.json [--metrics URL]")
+    named_runs = _load(runs or [])
+    servers = [(url, server_metrics.parse_histograms(server_metrics.fetch(url)))
+               for url in metrics or []]
     results = [
         (named.name, result)
         for named in named_runs
@@ -72,10 +83,19 @@ def latency(
     ]
 
     if as_json:
-        print_json(_json(named_runs, results))
+        print_json({**_json(named_runs, results), "servers": [
+            {"url": url, "histograms": [server_metrics.to_dict(h) for h in found]}
+            for url, found in servers
+        ]})
     else:
-        render_report(console, named_runs, results)
+        if named_runs:
+            render_report(console, named_runs, results)
+        for url, found in servers:
+            console.print(server_metrics.table(url, found))
     if html is not None:
+        if not named_runs:
+            raise UsageError("--html needs at least one run file",
+                             fix="dslab report latency RUN.json --html report.html")
         write_html(html, named_runs, results)
         note(f"HTML report written to {html}")
 
@@ -89,8 +109,6 @@ def latency(
 
 
 def _load(paths: list[Path]) -> list[NamedRun]:
-    if not paths:
-        raise UsageError("no run file given", fix="dslab report latency RUN.json")
     named: list[NamedRun] = []
     seen: dict[str, int] = {}
     for path in paths:

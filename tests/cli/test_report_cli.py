@@ -126,3 +126,28 @@ def test_real_command_exit_codes(run_path: Path, lab_env: dict[str, str]) -> Non
     assert "Error: 1 of 1 SLO checks failed" in failed.stderr
     assert usage.returncode == 2
     assert "needs a unit" in usage.stderr
+
+
+def test_metrics_of_a_running_shortener_are_tabulated(
+    lab_env: dict[str, str],
+) -> None:
+    """`report latency --metrics URL` reads a real server's histograms: the
+    redirects just made are counted there."""
+    run_dslab("lab", "up", env=lab_env, check=True)
+    try:
+        served = run_dslab("shorten", "serve", env=lab_env, check=True)
+        base = served.stdout.split(" serves ")[1].split()[0]
+        run_dslab("shorten", "https://example.com/m", "--alias", "metric",
+                  env=lab_env, check=True)
+        for _ in range(3):
+            run_dslab("shorten", "open", "metric", env=lab_env, check=True)
+
+        done = run_dslab("report", "latency", "--metrics", f"{base}/metrics",
+                         "--json", env=lab_env, check=True)
+    finally:
+        run_dslab("lab", "down", env=lab_env)
+
+    [server] = json.loads(done.stdout)["servers"]
+    redirects = [h for h in server["histograms"]
+                 if h["metric"] == "dslab_shortener_redirect_seconds"]
+    assert redirects and redirects[0]["count"] == 3
