@@ -7,24 +7,33 @@ is not a sub-command is the URL to shorten.
 from __future__ import annotations
 
 import asyncio
+import random
+import sys
 import webbrowser
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from dslab.cli import services
+from dslab import __version__
+from dslab.cli.context import lab_of
 from dslab.cli.http import request
-from dslab.cli.output import console, note, print_json
-from dslab.errors import DslabError, EnvironmentProblem, UsageError
+from dslab.cli.output import console, err_console, note, print_json
+from dslab.errors import CheckFailed, DslabError, EnvironmentProblem, UsageError
+from dslab.lab import services
 from dslab.lab.lab import Lab
 from dslab.redisconn import async_client
+from dslab.report.runfile import RunMeta, utc_timestamp
 from dslab.settings import RedisTarget
 from dslab.shortener.codes import DEFAULT_CODE_LENGTH
 from dslab.shortener.server import API_KEY_HEADER
 from dslab.shortener.store import LinkStore
 from dslab.shortener.validation import validate_alias, validate_url
-from dslab.units import parse_duration
+from dslab.units import parse_duration, parse_rate
+from dslab.workload import http as load
+from dslab.workload.schedule import Mix
 
 # The shortener listens from here up unless --port says otherwise.
 DEFAULT_PORT = 8080
@@ -56,7 +65,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _lab(ctx: typer.Context) -> Lab:
-    return Lab(ctx.obj.lab_settings())
+    return lab_of(ctx)
 
 
 def _server_url(lab: Lab, server: str | None) -> str | None:
@@ -254,6 +263,202 @@ def delete(
                                 headers=headers)
     _raise_for(status, answer)
     console.print(f"Deleted {code}.")
+
+
+# Above this rate one load-generator process is the bottleneck on this box.
+ONE_PROCESS_MAX_RATE_PER_S = 5000.0
+MAX_BENCH_CODES = 100_000  # links created before the run, through the API
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    rate: Annotated[str, typer.Option("--rate", help="Requests per second, "
+                                      "e.g. 10000/s.")] = "1000/s",
+    duration: Annotated[str, typer.Option("--duration", help="Measured time, "
+                                          "e.g. 30s (at most 10m).")] = "10s",
+    warmup: Annotated[
+        str | None, typer.Option("--warmup", help="Load sent before measuring.")
+    ] = None,
+    mix: Annotated[str, typer.Option("--mix", help="redirect:create weights.")
+                   ] = "95:5",
+    codes: Annotated[int, typer.Option("--codes", help="Links to create and "
+                                       "follow (the hot set).")] = 1000,
+    zipf: Annotated[float, typer.Option("--zipf", help="Zipf exponent of link "
+                                        "popularity; 0 = uniform.")] = 0.0,
+    connections: Annotated[int, typer.Option("--connections", "-c",
+                                             help="Keep-alive connections.")] = 64,
+    processes: Annotated[
+        int | None, typer.Option("--processes", "-p", help="Load-generator "
+                                 "processes [default: 1, or 2 from 5000/s].")
+    ] = None,
+    server: Annotated[
+        str | None, typer.Option("--server", help="Base URL on loopback "
+                                 "[default: the lab's shortener].")
+    ] = None,
+    static_path: Annotated[
+        str | None, typer.Option("--static-path", help="GET only this path and "
+                                 "skip link creation and the Location check "
+                                 "(to bench a baseline such as nginx).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the "
+                                             "request choices.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run file [default: "
+                                  "runs/shorten-bench-TIME.json].")
+    ] = None,
+    engine: Annotated[str, typer.Option("--engine", help="python (open loop) "
+                                        "or wrk (closed loop).")] = "python",
+    as_json: JsonOption = False,
+) -> None:
+    """Constant-rate redirect/create load with latency from the intended send time.
+
+    Creates --codes links, then sends the --mix at --rate, checks that every
+    redirect leads where its link says, and writes a run file. Exits 1 when a
+    redirect went wrong or the rate was not held.
+    """
+    rate_per_s = parse_rate(rate, what="--rate")
+    plan_mix = Mix.parse(mix)
+    if engine not in ("python", "wrk"):
+        raise UsageError(f"--engine {engine!r} is unknown", fix="use python or wrk")
+    if not 0 <= codes <= MAX_BENCH_CODES:
+        raise UsageError(f"--codes {codes} is outside 0-{MAX_BENCH_CODES}")
+    base = server.rstrip("/") if server else _server_url(_lab(ctx), None)
+    if base is None:
+        raise EnvironmentProblem(
+            "no shortener is running in the lab",
+            fix="start one with `dslab shorten serve`, or pass --server URL",
+        )
+    target = load.HttpTarget.parse(base)
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    if processes is None:
+        processes = 2 if rate_per_s >= ONE_PROCESS_MAX_RATE_PER_S else 1
+    if static_path is not None:
+        plan_mix = Mix(100, 0)
+    elif codes == 0 and plan_mix.redirect:
+        raise UsageError("--codes 0 leaves nothing to redirect",
+                         fix="give --codes 1 or more, or --mix 0:100")
+    # Checks the bounds before any link is created.
+    load.LoadPlan(
+        target, rate_per_s, parse_duration(duration, what="--duration"),
+        warmup_s=parse_duration(warmup, what="--warmup") if warmup else 0.0,
+        connections=connections, processes=processes, seed=seed, mix=plan_mix,
+        links=(load.BenchLink("x", "x"),), zipf_s=zipf, static_path=static_path,
+    )
+
+    links: tuple[load.BenchLink, ...] = ()
+    if static_path is None and codes:
+        note(f"Creating {codes} links at {target.url} ...")
+        links = asyncio.run(load.create_links(target, codes, seed=seed))
+    plan = load.LoadPlan(
+        target, rate_per_s, parse_duration(duration, what="--duration"),
+        warmup_s=parse_duration(warmup, what="--warmup") if warmup else 0.0,
+        connections=connections, processes=processes, seed=seed, mix=plan_mix,
+        links=links, zipf_s=zipf, static_path=static_path,
+    )
+    if engine == "wrk":
+        started = utc_timestamp()
+        note("wrk is closed loop: each connection waits for an answer before "
+             "its next request, so a stall hides the requests it delayed.")
+        result = load.run_wrk(plan)
+    else:
+        started = utc_timestamp()
+        result = _run_with_progress(plan, quiet=as_json)
+    meta = RunMeta(
+        command=["dslab", *sys.argv[1:]], dslab_version=__version__,
+        started_at=started, ended_at=utc_timestamp(), seed=seed,
+        targets=[target.url],
+    )
+    path = out or Path("runs") / (
+        "shorten-bench-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ".json")
+    result.run_file(meta).save(path)
+
+    if as_json:
+        print_json({"run_file": str(path), "verdict": result.verdict(),
+                    "latency_ms": _latency_table(result)})
+    else:
+        _print_bench_summary(result, path)
+    problems = []
+    if result.wrong_location:
+        problems.append(f"{result.wrong_location} redirects went to the wrong URL")
+    if not result.rate_held:
+        problems.append(result.rate_note())
+    if problems:
+        raise CheckFailed("; ".join(problems), fix=f"see the run file {path}")
+
+
+BENCH_PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def _run_with_progress(plan: load.LoadPlan, *, quiet: bool) -> load.LoadResult:
+    """Run the load with one live line on stderr (elapsed, sent, ok, errors)."""
+    from rich.live import Live
+    from rich.text import Text
+
+    total_s = plan.warmup_s + plan.duration_s
+    note(f"Sending {plan.rate_per_s:,.0f}/s to {plan.target.url} for "
+         f"{plan.duration_s:g} s (open loop, {plan.connections} connections, "
+         f"{plan.processes} process{'es' if plan.processes > 1 else ''}).")
+    if quiet:
+        return asyncio.run(load.run_load(plan))
+    with Live(Text(""), console=err_console, transient=True,
+              refresh_per_second=4) as live:
+
+        def show(progress: load.Progress) -> None:
+            live.update(Text(
+                f"{min(progress.elapsed_s, total_s):5.1f}/{total_s:g} s  "
+                f"sent {progress.sent:,}  ok {progress.answered_ok:,}  "
+                f"errors {progress.failed:,}  wrong {progress.wrong_location:,}  "
+                f"backlog {progress.backlog:,}"
+            ))
+
+        return asyncio.run(load.run_load(plan, show))
+
+
+def _latency_table(result: load.LoadResult) -> dict[str, dict[str, float]]:
+    table = {}
+    for op, histogram in sorted(result.histograms.items()):
+        found = histogram.percentiles_us(BENCH_PERCENTILES)
+        row = {f"p{p:g}": found[p] / 1000 for p in BENCH_PERCENTILES}
+        row["max"] = histogram.max_us / 1000
+        row["count"] = histogram.count
+        table[op] = row
+    return table
+
+
+def _print_bench_summary(result: load.LoadResult, path: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="Latency from the intended send time (ms)")
+    for column in ("operation", "ok", "errors", "p50", "p90", "p99", "p99.9", "max"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    for op, row in _latency_table(result).items():
+        answered = sum(result.status_counts.get(op, {}).values())
+        table.add_row(op, f"{row['count']:,.0f}", f"{answered - row['count']:,.0f}",
+                      *(f"{row[key]:.2f}" for key in
+                        ("p50", "p90", "p99", "p99.9", "max")))
+    console.print(table)
+    console.print(result.rate_note())
+    statuses = ", ".join(
+        f"{op} {status}: {count:,}"
+        for op, counts in sorted(result.status_counts.items())
+        for status, count in sorted(counts.items())
+    )
+    console.print(f"answers: {statuses or 'none'}", soft_wrap=True)
+    console.print(f"wrong Location: {result.wrong_location:,}")
+    for example in result.wrong_examples:
+        console.print(f"  /{example['code']} -> {example['location']!r}, expected "
+                      f"{example['expected']!r}", soft_wrap=True)
+    if result.open_loop:
+        lag = result.send_lag.percentiles_us((50.0, 99.0))
+        console.print(f"send lag (wait before sending, included above): p50 "
+                      f"{lag[50.0] / 1000:.2f} ms, p99 {lag[99.0] / 1000:.2f} ms")
+    if result.generator_saturated:
+        console.print("warning: the load generator itself was saturated (its "
+                      "timers ran late); add --processes or lower --rate")
+    for warning in result.warnings():
+        console.print(f"note: {warning}")
+    console.print(f"run file: {path}")
 
 
 def _require_server(ctx: typer.Context, server: str | None) -> str:

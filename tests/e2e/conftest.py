@@ -18,9 +18,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Headless Chromium for the session; CI must have it (scripts/setup --test)."""
+    """Headless Chromium for one test module; CI must have it (scripts/setup
+    --test). Not session-wide: Playwright's sync API keeps an event loop
+    running in this thread, which would break the asyncio tests after it."""
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
         if os.environ.get("CI"):
