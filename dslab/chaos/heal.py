@@ -28,11 +28,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dslab.chaos import netem
 from dslab.chaos.journal import Fault, Journal, Timer
 from dslab.chaos.proxy import ProxyControl, ProxyUnreachable
 from dslab.errors import DslabError, UsageError
+from dslab.lab import netns
 from dslab.lab.state import process_matches
 from dslab.lab.supervisor import spawn_detached
 
@@ -83,10 +85,26 @@ def undo(fault: Fault) -> str:
     if kind == "netem-undo":
         removed = netem.undo(str(action.get("device", "lo")), action.get("namespace"))
         return "netem qdisc removed" if removed else "no dslab qdisc was left"
+    if kind == "nft-delete-table":
+        return _delete_nft_tables(action)
     raise UsageError(
         f"fault {fault.id} has an undo dslab does not know: {action!r}",
         fix="it was written by another version of dslab; undo it by hand",
     )
+
+
+def _delete_nft_tables(action: dict[str, Any]) -> str:
+    """A partition's undo: its table in each namespace it touched. A table or
+    namespace that is gone already (``lab down`` deleted it) counts as done."""
+    family, table = str(action.get("family", "inet")), str(action["table"])
+    namespaces = action["namespaces"]
+    if not isinstance(namespaces, list):
+        raise TypeError(f"namespaces is not a list: {namespaces!r}")
+    deleted = [name for name in map(str, namespaces)
+               if netns.delete_table(name, table, family)]
+    if deleted:
+        return f"nftables table {table} deleted in {len(deleted)} namespace(s)"
+    return "no rules were left (table or namespaces already gone)"
 
 
 def heal(home: Path, fault_id: str | None = None) -> list[HealResult]:

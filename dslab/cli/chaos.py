@@ -16,13 +16,14 @@ import typer
 from rich.table import Table
 
 from dslab.chaos import delay as delays
+from dslab.chaos import partition as partitions
 from dslab.chaos import process as faults
 from dslab.chaos.heal import MAX_DURATION_S, HealResult, heal
 from dslab.chaos.journal import Fault, Journal
 from dslab.chaos.targets import resolve
 from dslab.cli.context import lab_of
 from dslab.cli.output import console, note, print_json
-from dslab.errors import EnvironmentProblem
+from dslab.errors import EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
 from dslab.lab.state import ProcessRecord
 from dslab.units import parse_duration
@@ -272,6 +273,75 @@ def _render_delay(outcome: delays.DelayOutcome) -> None:
 
 
 @app.command()
+def partition(
+    ctx: typer.Context,
+    side_a: Annotated[
+        str | None,
+        typer.Argument(help="One side: lab names or roles, comma-separated "
+                       "(redis-1,sentinel-1), or `host` for the clients' side."),
+    ] = None,
+    side_b: Annotated[
+        str | None, typer.Argument(help="The other side, written the same way.")
+    ] = None,
+    isolate: Annotated[
+        str | None,
+        typer.Option("--isolate", help="Cut this node off from every other node "
+                     "and from the host."),
+    ] = None,
+    one_way: Annotated[
+        bool,
+        typer.Option("--one-way", help="Drop only what the first side sends to "
+                     "the second; the second side's packets still arrive."),
+    ] = False,
+    duration: ForOption = None,
+    seed: SeedOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cut the links between two groups of nodes with real nftables rules.
+
+    Needs a lab started with `dslab lab up --network netns` (root): each node
+    then has its own network namespace and address. Packets between the sides
+    are dropped silently, as by a dead switch. Examples: `partition redis-1
+    redis-2`, `partition redis-1,sentinel-1 redis-2,redis-3,sentinel-2,
+    sentinel-3`, `partition --isolate primary`, `partition host redis-1
+    --one-way` (clients cannot reach redis-1).
+    """
+    duration_s = _for_seconds(duration)
+    lab = _lab(ctx)
+    network = partitions.require_netns(lab)
+    if isolate is not None and (side_a is not None or side_b is not None):
+        raise UsageError("give either --isolate NODE or two sides, not both",
+                         fix="dslab chaos partition --isolate redis-1")
+    if isolate is None and (side_a is None or side_b is None):
+        raise UsageError("a partition needs two sides (or --isolate NODE)",
+                         fix="dslab chaos partition redis-1 redis-2,redis-3")
+    chosen_seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    rng = random.Random(chosen_seed)
+    first = partitions.resolve_side(lab, network, isolate or side_a or "", rng)
+    second = (partitions.everyone_but(network, first) if isolate is not None
+              else partitions.resolve_side(lab, network, side_b or "", rng))
+    outcome = partitions.partition(lab, first, second, one_way=one_way,
+                                   duration_s=duration_s)
+    fault = outcome.fault
+    if as_json:
+        print_json({"seed": chosen_seed,
+                    "faults": [_fault_json(fault, cuts=[list(cut) for cut in
+                                                        outcome.cuts])]})
+        return
+    arrow = "->" if one_way else "<->"
+    timer = (f" It heals itself at {_clock(fault.until)}."
+             if fault.until is not None else "")
+    console.print(f"Partitioned {','.join(first)} {arrow} {','.join(second)} "
+                  f"as fault {fault.id}: nftables table {_table_words(outcome)} in "
+                  f"{len(outcome.rules)} namespace(s). Undo: dslab chaos heal "
+                  f"{fault.id}.{timer}")
+
+
+def _table_words(outcome: partitions.PartitionOutcome) -> str:
+    return str(outcome.fault.params.get("table", outcome.table))
+
+
+@app.command()
 def status(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Every active fault: what, where, since, until, and how to undo it."""
     journal = Journal(_lab(ctx).home)
@@ -316,6 +386,9 @@ def _undo_words(fault: Fault) -> str:
         return f"clear the faults of {fault.params.get('proxy', 'the proxy')}"
     if action.get("action") == "netem-undo":
         return f"remove dslab's qdisc from {action.get('device')}"
+    if action.get("action") == "nft-delete-table":
+        return (f"delete nftables table {action.get('table')} in "
+                f"{len(action.get('namespaces') or [])} namespace(s)")
     return str(action.get("action"))
 
 

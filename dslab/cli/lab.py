@@ -15,6 +15,7 @@ from dslab.cli.output import console, note, print_json
 from dslab.errors import UsageError
 from dslab.lab import bench as lab_bench
 from dslab.lab.lab import Lab, LabStatus
+from dslab.lab.netns import Network
 from dslab.lab.supervisor import log_tail
 from dslab.settings import Persistence, Topology
 
@@ -66,6 +67,13 @@ def up(
         typer.Option("--config", "-c", help="Extra redis.conf line for every "
                      "Redis node, e.g. -c 'maxmemory 64mb'. Repeatable."),
     ] = None,
+    network: Annotated[
+        Network,
+        typer.Option("--network", help="loopback: every node on 127.0.0.1. "
+                     "netns (root, Linux): every node in its own network "
+                     "namespace on a private bridge, so `dslab chaos partition` "
+                     "can cut real links."),
+    ] = Network.LOOPBACK,
     redis_server: RedisServerOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -76,7 +84,8 @@ def up(
     command returns, until `dslab lab down`.
     """
     lab = _lab(ctx, redis_server)
-    result = lab.up(topology, persistence, base_port=port, extra_config=config)
+    result = lab.up(topology, persistence, base_port=port, extra_config=config,
+                    network=network)
     if as_json:
         print_json({
             "started": result.started,

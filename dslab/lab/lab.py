@@ -15,7 +15,12 @@ Guarantees:
   soon as it is spawned, so even a ``kill -9`` of dslab mid-``up`` leaves a
   state that ``down`` can clean;
 - ``down`` stops every process the lab started, including ones found only by
-  their command line when the state file was lost, and removes the state.
+  their command line when the state file was lost, and removes the state;
+- with ``network=Network.NETNS`` (root, Linux) every node runs in its own
+  network namespace on a private bridge (see ``dslab.lab.netns``), and
+  ``down`` removes namespaces, veths and bridge after stopping the processes,
+  also leftovers found by the lab's name tag. The default loopback lab never
+  touches the network.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from dslab.errors import (
     LabStateCorrupt,
     UsageError,
 )
-from dslab.lab import cluster, probe, topology
+from dslab.lab import cluster, netns, probe, topology
+from dslab.lab.netns import LabNetwork, Network
 from dslab.lab.redis_binary import RedisBinary, find_redis_server
 from dslab.lab.state import LabState, ProcessRecord, locked, read_state, write_state
 from dslab.lab.supervisor import (
@@ -87,6 +93,8 @@ class DownResult:
     strays: list[int]  # pids found by their marker, not in the state
     removed_data: bool
     healed: list[str] = field(default_factory=list)  # faults undone first
+    # Namespaces and links of a `--network netns` lab that were deleted.
+    network_removed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,6 +171,11 @@ class Lab:
     def node(self, name: str) -> ProcessRecord:
         return self.require_state().find(name)
 
+    def network(self) -> LabNetwork | None:
+        """The lab's private LAN when it runs with ``--network netns``."""
+        state = self.require_state()
+        return None if state.network is None else LabNetwork.from_json(state.network)
+
     def redis_target(self) -> RedisTarget:
         """The URL a client uses to reach this lab, as ``--redis`` would take it."""
         state = self.require_state()
@@ -209,35 +222,43 @@ class Lab:
         base_port: int | None = None,
         extra_config: list[str] | None = None,
         timeout_s: float = READY_TIMEOUT_S,
+        network: Network = Network.LOOPBACK,
     ) -> UpResult:
         """Start ``topology_name`` and wait until it serves; see module docstring."""
+        if network is Network.NETNS:
+            netns.require_support()
         with locked(self.home):
-            existing = self._reusable_state(topology_name, persistence)
+            existing = self._reusable_state(topology_name, persistence, network)
             if existing is not None:
                 return self._revive(existing, timeout_s)
 
             began = time.monotonic()
             binary = find_redis_server(self.settings.redis_server)
-            is_cluster = topology_name is Topology.CLUSTER
-            bus = topology.CLUSTER_BUS_OFFSET if is_cluster else None
-            count = topology.node_count(topology_name)
-            if base_port is None:
-                base_port = find_free_block(
-                    count, start=self.settings.port_start,
-                    stop=self.settings.port_start + 2900, bus_offset=bus,
-                )
-            ports = list(range(base_port, base_port + count))
-            require_free(ports + [port + bus for port in ports] if bus else ports)
-
-            plans = topology.plan(topology_name, persistence, base_port, extra_config)
+            lab_network = None
+            if network is Network.NETNS:
+                # Each node has an address of its own, so ports cannot clash
+                # and the host's loopback ports do not matter.
+                base_port = base_port or self.settings.port_start
+                names = [plan.name for plan in
+                         topology.plan(topology_name, persistence, base_port)]
+                lab_network = netns.plan_network(self.home, names)
+                plans = topology.plan(topology_name, persistence, base_port,
+                                      extra_config, lab_network.addresses())
+            else:
+                base_port = self._free_ports(topology_name, base_port)
+                plans = topology.plan(topology_name, persistence, base_port,
+                                      extra_config)
             state = LabState(
                 topology=topology_name.value,
                 persistence=persistence.value,
                 redis_server=binary.as_dict(),
                 created_at=time.time(),
+                network=None if lab_network is None else lab_network.to_json(),
             )
             with self._cleanup_on_failure(state):
-                self._start_nodes(plans, state, binary, timeout_s)
+                if lab_network is not None:
+                    self._build_network(lab_network, state)
+                self._start_nodes(plans, state, binary, timeout_s, lab_network)
                 if topology_name is Topology.CLUSTER:
                     by_name = {record.name: record for record in state.processes}
                     cluster.create_cluster(plans, by_name, timeout_s=timeout_s)
@@ -267,6 +288,8 @@ class Lab:
 
             strays = processes_using(self.home)
             kill_processes(strays)
+            # After the processes: a namespace lives as long as one runs in it.
+            network_removed = self._remove_network(state)
 
             self.settings.state_file.unlink(missing_ok=True)
             if not keep_data:
@@ -276,7 +299,8 @@ class Lab:
                 log.info("node stopped: %s", name)
 
             return DownResult(stopped, already_dead, [p.pid for p in strays],
-                              removed_data=not keep_data, healed=healed)
+                              removed_data=not keep_data, healed=healed,
+                              network_removed=network_removed)
 
     def restart(
         self, name: str, *, timeout_s: float = READY_TIMEOUT_S
@@ -354,8 +378,41 @@ class Lab:
 
     # -- internals ---------------------------------------------------------
 
+    def _free_ports(self, topology_name: Topology, base_port: int | None) -> int:
+        """The base port of a loopback lab, every port it needs checked free."""
+        bus = (topology.CLUSTER_BUS_OFFSET if topology_name is Topology.CLUSTER
+               else None)
+        count = topology.node_count(topology_name)
+        if base_port is None:
+            base_port = find_free_block(
+                count, start=self.settings.port_start,
+                stop=self.settings.port_start + 2900, bus_offset=bus,
+            )
+        ports = list(range(base_port, base_port + count))
+        require_free(ports + [port + bus for port in ports] if bus else ports)
+        return base_port
+
+    def _build_network(self, lab_network: LabNetwork, state: LabState) -> None:
+        # Recorded before anything exists, so a dslab killed while building
+        # leaves a state that `down` can clean.
+        write_state(self.settings.state_file, state)
+        if netns.leftovers(lab_network.tag):
+            # A lab in this folder was abandoned without `down`; its processes
+            # are gone (there is no live state), so its network is stale.
+            log.info("stale lab network found: removing it")
+            netns.teardown(lab_network.tag)
+        netns.create(lab_network)
+
+    def _remove_network(self, state: LabState | None) -> list[str]:
+        """Tear down the lab's namespaces and links, if it ever had any."""
+        tag = netns.lab_tag(self.home)
+        if (state is None or state.network is None) and not netns.leftovers(tag):
+            return []
+        return netns.teardown(tag)
+
     def _reusable_state(
-        self, topology_name: Topology, persistence: Persistence
+        self, topology_name: Topology, persistence: Persistence,
+        network: Network = Network.LOOPBACK,
     ) -> LabState | None:
         state = self.state()
         if state is None:
@@ -364,10 +421,14 @@ class Lab:
             log.info("stale lab state found, every process is dead: cleaning up")
             self._forget(state)
             return None
-        if state.topology != topology_name or state.persistence != persistence:
+        running_network = (Network.LOOPBACK if state.network is None
+                           else Network.NETNS)
+        if (state.topology != topology_name or state.persistence != persistence
+                or running_network is not network):
             raise LabAlreadyRunning(
-                f"a {state.topology} lab (persistence {state.persistence}) is "
-                f"already running in {self.home}",
+                f"a {state.topology} lab (persistence {state.persistence}, "
+                f"network {running_network.value}) is already running in "
+                f"{self.home}",
                 fix="stop it with `dslab lab down` first, or start a second lab "
                 "in another folder with DSLAB_HOME=/some/other/dir",
             )
@@ -378,6 +439,7 @@ class Lab:
         spawned but not yet recorded when ``up`` was interrupted."""
         stop_processes(state.processes)
         kill_processes(processes_using(self.home))
+        self._remove_network(state)
         self.settings.state_file.unlink(missing_ok=True)
         for record in state.processes:
             shutil.rmtree(record.dir, ignore_errors=True)
@@ -397,7 +459,7 @@ class Lab:
 
     def _start_nodes(
         self, plans: list[topology.NodePlan], state: LabState, binary: RedisBinary,
-        timeout_s: float,
+        timeout_s: float, lab_network: LabNetwork | None = None,
     ) -> None:
         for plan in plans:
             node_dir = self.home / plan.name
@@ -410,8 +472,14 @@ class Lab:
             argv = [str(binary.path), str(config_file)]
             if plan.kind == "sentinel":
                 argv.append("--sentinel")
+            link = None if lab_network is None else lab_network.node(plan.name)
+            if link is not None:
+                argv = netns.exec_prefix(link.namespace) + argv
             record = self._spawn(plan.name, plan.kind, plan.role, argv, node_dir,
-                                 node_dir / f"{plan.kind}.log", plan.port)
+                                 node_dir / f"{plan.kind}.log", plan.port,
+                                 host=LOOPBACK_HOST if link is None else link.address)
+            if link is not None:
+                record.extra["namespace"] = link.namespace
             state.processes.append(record)
             # Written after every spawn: a dslab killed now leaves a cleanable lab.
             write_state(self.settings.state_file, state)
@@ -424,13 +492,13 @@ class Lab:
 
     def _respawn(self, old: ProcessRecord) -> ProcessRecord:
         fresh = self._spawn(old.name, old.kind, old.role, old.argv, Path(old.dir),
-                            Path(old.log), old.port)
+                            Path(old.log), old.port, host=old.host)
         fresh.extra = old.extra
         return fresh
 
     def _spawn(
         self, name: str, kind: str, role: str, argv: list[str], node_dir: Path,
-        log_file: Path, port: int,
+        log_file: Path, port: int, *, host: str = LOOPBACK_HOST,
     ) -> ProcessRecord:
         spawned = spawn_detached(
             argv, log_path=log_file, cwd=node_dir, lab_home=self.home
@@ -438,7 +506,7 @@ class Lab:
         log.info("node started: %s pid=%d port=%d", name, spawned.pid, port)
         return ProcessRecord(
             name=name, kind=kind, role=role, pid=spawned.pid,
-            started_at=spawned.started_at, host=LOOPBACK_HOST, port=port,
+            started_at=spawned.started_at, host=host, port=port,
             dir=str(node_dir), log=str(log_file), argv=argv,
         )
 

@@ -61,6 +61,9 @@ class LabState:
     redis_server: dict[str, str]
     created_at: float
     processes: list[ProcessRecord] = field(default_factory=list)
+    # The private LAN of a `--network netns` lab (see dslab.lab.netns); None
+    # for the default loopback lab, and then absent from the file.
+    network: dict[str, Any] | None = None
 
     def find(self, name: str) -> ProcessRecord:
         for record in self.processes:
@@ -82,6 +85,8 @@ class LabState:
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
+        if body["network"] is None:
+            del body["network"]
         return {"format": STATE_FORMAT, "version": STATE_VERSION, **body}
 
     @classmethod
@@ -104,6 +109,8 @@ class LabState:
                 redis_server=dict(data["redis_server"]),
                 created_at=float(data["created_at"]),
                 processes=processes,
+                network=None if data.get("network") is None
+                else dict(data["network"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LabStateCorrupt(

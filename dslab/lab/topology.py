@@ -13,6 +13,7 @@ Lab timings are deliberately short so failures show up within seconds:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dslab.settings import LOOPBACK_HOST, SENTINEL_SERVICE, Persistence, Topology
@@ -43,12 +44,13 @@ class NodePlan:
 
 
 def redis_config(
-    port: int, persistence: Persistence, extra: list[str] | None = None
+    port: int, persistence: Persistence, extra: list[str] | None = None,
+    host: str = LOOPBACK_HOST,
 ) -> list[str]:
     """Settings every Redis node of the lab shares."""
     lines = [
         f"port {port}",
-        f"bind {LOOPBACK_HOST}",
+        f"bind {host}",
         "daemonize no",
         'logfile ""',
         # RDB snapshots off: AOF is the persistence the learner chooses, and a
@@ -62,18 +64,25 @@ def redis_config(
         lines.append("appendonly no")
     else:
         lines += ["appendonly yes", f"appendfsync {persistence.value}"]
+    if host != LOOPBACK_HOST:
+        # On the lab LAN (--network netns) a node tells others the address it
+        # has there, never one seen through a translation.
+        lines.append(f"replica-announce-ip {host}")
 
     return lines + list(extra or [])
 
 
-def sentinel_config(port: int, primary_port: int) -> list[str]:
+def sentinel_config(
+    port: int, primary_port: int, host: str = LOOPBACK_HOST,
+    primary_host: str = LOOPBACK_HOST,
+) -> list[str]:
     service = SENTINEL_SERVICE
     return [
         f"port {port}",
-        f"bind {LOOPBACK_HOST}",
+        f"bind {host}",
         "daemonize no",
         'logfile ""',
-        f"sentinel monitor {service} {LOOPBACK_HOST} {primary_port} "
+        f"sentinel monitor {service} {primary_host} {primary_port} "
         f"{SENTINEL_QUORUM}",
         f"sentinel down-after-milliseconds {service} {SENTINEL_DOWN_AFTER_MS}",
         f"sentinel failover-timeout {service} {SENTINEL_FAILOVER_TIMEOUT_MS}",
@@ -104,33 +113,45 @@ def plan(
     persistence: Persistence,
     base_port: int,
     extra_config: list[str] | None = None,
+    addresses: Mapping[str, str] | None = None,
 ) -> list[NodePlan]:
-    """The nodes of ``topology`` on consecutive ports starting at ``base_port``."""
+    """The nodes of ``topology`` on consecutive ports starting at ``base_port``.
+
+    ``addresses`` (node name -> IP, from ``--network netns``) puts each node
+    on its own address; without it every node binds 127.0.0.1.
+    """
+    def host(name: str) -> str:
+        return (addresses or {}).get(name, LOOPBACK_HOST)
+
     if topology is Topology.STANDALONE:
-        config = redis_config(base_port, persistence, extra_config)
+        config = redis_config(base_port, persistence, extra_config, host("redis-1"))
         return [NodePlan("redis-1", "redis", "primary", base_port, config)]
 
     if topology is Topology.REPLICATED:
         primary_port = base_port
+        primary_host = host("redis-1")
         nodes = [
             NodePlan(
                 "redis-1", "redis", "primary", primary_port,
-                redis_config(primary_port, persistence, extra_config),
+                redis_config(primary_port, persistence, extra_config, primary_host),
             )
         ]
         for index in range(REPLICAS):
             port = base_port + 1 + index
-            config = redis_config(port, persistence, extra_config)
-            config.append(f"replicaof {LOOPBACK_HOST} {primary_port}")
+            name = f"redis-{index + 2}"
+            config = redis_config(port, persistence, extra_config, host(name))
+            config.append(f"replicaof {primary_host} {primary_port}")
             nodes.append(
-                NodePlan(f"redis-{index + 2}", "redis", "replica", port, config,
+                NodePlan(name, "redis", "replica", port, config,
                          replica_of="redis-1")
             )
         for index in range(3):
             port = base_port + 1 + REPLICAS + index
+            name = f"sentinel-{index + 1}"
             nodes.append(
-                NodePlan(f"sentinel-{index + 1}", "sentinel", "sentinel", port,
-                         sentinel_config(port, primary_port))
+                NodePlan(name, "sentinel", "sentinel", port,
+                         sentinel_config(port, primary_port, host(name),
+                                         primary_host))
             )
         return nodes
 
@@ -142,19 +163,27 @@ def plan(
         # lab we want failover, not a cluster that stays down.
         "cluster-replica-validity-factor 0",
     ]
+
+    def cluster_config(name: str, port: int) -> list[str]:
+        announce = ([f"cluster-announce-ip {host(name)}"]
+                    if host(name) != LOOPBACK_HOST else [])
+        return redis_config(port, persistence,
+                            cluster_lines + announce + (extra_config or []),
+                            host(name))
+
     nodes = []
     for index, slots in enumerate(cluster_slot_ranges()):
         port = base_port + index
-        config = redis_config(port, persistence, cluster_lines + (extra_config or []))
+        name = f"redis-{index + 1}"
         nodes.append(
-            NodePlan(f"redis-{index + 1}", "redis", "primary", port, config,
+            NodePlan(name, "redis", "primary", port, cluster_config(name, port),
                      slots=slots)
         )
     for index in range(CLUSTER_PRIMARIES):
         port = base_port + CLUSTER_PRIMARIES + index
-        config = redis_config(port, persistence, cluster_lines + (extra_config or []))
+        name = f"redis-{CLUSTER_PRIMARIES + index + 1}"
         nodes.append(
-            NodePlan(f"redis-{CLUSTER_PRIMARIES + index + 1}", "redis", "replica",
-                     port, config, replica_of=f"redis-{index + 1}")
+            NodePlan(name, "redis", "replica", port, cluster_config(name, port),
+                     replica_of=f"redis-{index + 1}")
         )
     return nodes

@@ -79,7 +79,7 @@ def test_foreign_or_damaged_state_is_refused(tmp_path: Path, document: object) -
 
 def test_a_finished_process_is_dead() -> None:
     """The pid of a process that exited is reported dead."""
-    child = subprocess.Popen(["/bin/true"])
+    child = subprocess.Popen(["/bin/sleep", "0.2"])
     started = process_start_time(child.pid)
     child.wait()
 
