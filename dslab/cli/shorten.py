@@ -175,6 +175,16 @@ def serve(
         bool, typer.Option("--allow-private-targets", help="Accept loopback and "
                            "private hosts as link targets.")
     ] = False,
+    create_per_minute: Annotated[
+        float, typer.Option("--create-per-minute", help="Links one client may "
+                            "create per minute and worker (429 beyond); 0: no "
+                            "limit, e.g. for benchmarks.")
+    ] = 600.0,
+    not_found_per_minute: Annotated[
+        float, typer.Option("--not-found-per-minute", help="404s one client may "
+                            "cause per minute and worker (slows enumeration); "
+                            "0: no limit.")
+    ] = 600.0,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal instead of "
                            "as a lab service; Ctrl-C stops it.")
@@ -193,6 +203,8 @@ def serve(
     args += ["--no-reserve"] if no_reserve else []
     args += ["--api-key", api_key] if api_key else []
     args += ["--allow-private-targets"] if allow_private_targets else []
+    args += ["--create-per-minute", f"{create_per_minute:g}",
+             "--not-found-per-minute", f"{not_found_per_minute:g}"]
     [chosen] = services.choose_ports(1, port, DEFAULT_PORT)
 
     if foreground:
