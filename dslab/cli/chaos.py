@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from dslab import experiment
 from dslab.chaos import delay as delays
 from dslab.chaos import partition as partitions
 from dslab.chaos import process as faults
+from dslab.chaos import scenario as scenarios
 from dslab.chaos.heal import MAX_DURATION_S, HealResult, heal
 from dslab.chaos.journal import Fault, Journal
 from dslab.chaos.targets import resolve
 from dslab.cli.context import lab_of
 from dslab.cli.output import console, note, print_json
-from dslab.errors import EnvironmentProblem, UsageError
+from dslab.errors import CheckFailed, EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
 from dslab.lab.state import ProcessRecord
+from dslab.report.html import write_html
+from dslab.report.tables import NamedRun, render_report
 from dslab.units import parse_duration
 
 app = typer.Typer(
@@ -426,3 +431,70 @@ def heal_command(
 def _heal_json(result: HealResult) -> dict[str, Any]:
     return {"id": result.fault.id, "what": result.fault.describe(),
             "outcome": result.outcome}
+
+
+@app.command("run")
+def run_scenario(
+    ctx: typer.Context,
+    scenario_file: Annotated[
+        Path, typer.Argument(help="A scenario .toml: lab, servers, workload, "
+                             "faults and constraints (see docs/scenarios.md).",
+                             metavar="SCENARIO")
+    ],
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the fault schedule and "
+                                 "random targets [default: the file's].")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run file [default: "
+                                  "runs/scenario-NAME-TIME.json].")
+    ] = None,
+    slo: Annotated[
+        list[str] | None, typer.Option("--slo", help="A constraint on top of the "
+                                       "file's, e.g. 'deliver:p99<200ms'.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write the report as HTML.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the fault schedule and stop.")
+    ] = False,
+) -> None:
+    """Run a scenario: its workload under a scheduled, seeded series of faults,
+    then check its constraints (exit 0 all met, 1 one failed).
+
+    The same file and seed give the same schedule. Every fault is healed when
+    the run ends, also on Ctrl-C; the lab and its servers are left running so
+    you can look around (`dslab lab down` when done).
+    """
+    scenario = scenarios.load(scenario_file)
+    used_seed = scenario.seed if seed is None else seed
+    schedule = scenarios.plan(scenario, used_seed)
+    console.print(f"Scenario {scenario.name!r}: {scenario.workload} workload for "
+                  f"{scenario.duration_s:g} s on a {scenario.topology.value} lab, "
+                  f"seed {used_seed}, {len(schedule)} fault(s):", markup=False)
+    for fault in schedule:
+        console.print(f"  {fault.describe()}", markup=False)
+    if dry_run:
+        return
+
+    began = time.monotonic()
+
+    def event(what: str) -> None:
+        note(f"[{time.monotonic() - began:6.1f}s] {what}")
+
+    result = experiment.run(scenario, _lab(ctx), seed=used_seed, out=out,
+                            extra_slo=slo, on_event=event)
+    named = [NamedRun(str(result.run_path), result.run)]
+    render_report(console, named, [(str(result.run_path), r) for r in result.slo])
+    if html is not None:
+        write_html(html, named, [(str(result.run_path), r) for r in result.slo])
+        note(f"HTML report written to {html}")
+    note(f"Run file: {result.run_path}")
+    if not result.passed:
+        failures = result.failures()
+        raise CheckFailed(
+            f"scenario {scenario.name!r} failed {len(failures)} check(s): "
+            + "; ".join(failures),
+            fix=f"see the report above and `dslab report latency {result.run_path}`",
+        )

@@ -15,6 +15,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -196,6 +197,8 @@ def verdict_table(named: NamedRun) -> Table | None:
     verdict = named.run.verdict
     if verdict is None:
         return None
+    if not isinstance(verdict.get("total"), dict):
+        return _plain_verdict_table(named.name, verdict)
     total = verdict.get("total")
     total = total if isinstance(total, dict) else {}
     examples = verdict.get("examples")
@@ -221,6 +224,22 @@ def verdict_table(named: NamedRun) -> Table | None:
             label = Text(name)
         table.add_row(label, count, Text("\n".join(example_lines(examples.get(name)))))
 
+    return table
+
+
+def _plain_verdict_table(name: str, verdict: Mapping[str, Any]) -> Table:
+    """A verdict that is not the chat checker's (the shortener bench's, say):
+    its fields as written, nested ones in short JSON."""
+    table = Table(title=Text(f"Verdict for {name}"), title_justify="left")
+    table.add_column("check")
+    table.add_column("value")
+    for key, value in verdict.items():
+        if isinstance(value, (dict, list)):
+            shown = json.dumps(value, sort_keys=True)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        else:
+            shown = str(value)
+        table.add_row(Text(str(key)), Text(shown))
     return table
 
 

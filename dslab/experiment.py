@@ -1,0 +1,242 @@
+"""One experiment from a scenario file: lab, services, workload, faults, verdict.
+
+``dslab chaos run`` and ``dslab exercise check`` both come here. The steps:
+
+1. bring up the scenario's lab (or reuse the same one already running) and
+   start the chat or shortener servers it asks for;
+2. start the workload as its own process (``dslab chat bench`` or ``dslab
+   shorten bench`` with the scenario's options), and at the same moment the
+   nemesis, which applies the seeded fault schedule through the journal;
+3. when the workload ends: stop the nemesis and heal every fault (also on
+   Ctrl-C or an error), rebuild the run's fault timeline from the journal,
+   check the constraints, write the run file, report.
+
+Fault times count from the start of the workload process, so its set-up
+(connecting users, creating links) is part of the timeline; a scenario that
+wants faults during steady load schedules them after its warm-up.
+
+This module sits above ``chaos``, ``workload`` and ``report``; it departs
+from the layout of DESIGN.md, which has no place for code that uses all
+three (see docs/scenarios.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from dslab import __version__
+from dslab.chaos.heal import heal_all
+from dslab.chaos.journal import APPLIED, HEALED, Journal
+from dslab.chaos.scenario import Nemesis, PlannedFault, Scenario, plan
+from dslab.errors import CheckFailed, DslabError, Interrupted, UsageError
+from dslab.lab import services
+from dslab.lab.lab import Lab
+from dslab.report.runfile import FaultEvent, RunFile, RunMeta, utc_timestamp
+from dslab.report.slo import SloResult, evaluate, parse_slos
+
+log = logging.getLogger(__name__)
+
+SERVICE_MODULES = {"chat": "dslab.chat", "shortener": "dslab.shortener"}
+SERVICE_PORTS = {"chat": 8100, "shortener": 8080}
+# The process name flag for servers that want to know their lab name.
+SERVICE_NAME_FLAGS = {"chat": "--name", "shortener": None}
+BENCH_COMMANDS = {"chat": ["chat", "bench"], "shortener": ["shorten", "bench"]}
+# Faults this long before a run's measured start still shape it (a pause
+# that began during set-up), so the timeline keeps them, at negative times.
+FAULT_MARGIN_S = 5.0
+# A workload still running this long after its duration is stuck.
+WORKLOAD_GRACE_S = 120.0
+
+
+@dataclass
+class ExperimentResult:
+    scenario: Scenario
+    seed: int
+    schedule: list[PlannedFault]
+    run: RunFile
+    run_path: Path
+    slo: list[SloResult] = field(default_factory=list)
+    workload_exit: int = 0
+    fault_errors: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.workload_exit == 0 and all(result.passed for result in self.slo)
+
+    def failures(self) -> list[str]:
+        found = [f"{r.constraint.text}: {r.detail}" for r in self.slo if not r.passed]
+        if self.workload_exit != 0:
+            found.append(f"the workload reported a failure (exit {self.workload_exit})")
+        return found
+
+
+def run(
+    scenario: Scenario,
+    lab: Lab,
+    *,
+    seed: int | None = None,
+    out: Path | None = None,
+    extra_slo: list[str] | None = None,
+    workload_argv: Callable[[Scenario, int, Path], list[str]] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Run ``scenario`` against ``lab``; every fault is healed before returning."""
+    seed = scenario.seed if seed is None else seed
+    constraints = parse_slos([*scenario.slo, *(extra_slo or [])])
+    schedule = plan(scenario, seed)
+    out = out or Path("runs") / f"scenario-{_slug(scenario.name)}-{_stamp()}.json"
+
+    lab.up(scenario.topology, scenario.persistence)
+    _start_services(scenario, lab, on_event)
+
+    argv = (workload_argv or bench_argv)(scenario, seed, out)
+    nemesis = Nemesis(lab, schedule, seed, on_event)
+    started_wall, started = time.time(), utc_timestamp()
+    workload_exit = 0
+    try:
+        workload = _start_workload(argv, lab)
+        nemesis.start()
+        workload_exit = _wait(workload, scenario.duration_s)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: every fault was healed") from None
+    finally:
+        nemesis.stop()
+        heal_all(lab.home)
+    ended_wall = time.time()
+
+    run_file = _run_file(scenario, seed, out, argv, started, lab)
+    # On the run's own clock, so faults line up with its per-second series.
+    run_started = _epoch(run_file.meta.started_at, started_wall)
+    run_file.faults = journal_timeline(lab.home, run_started, ended_wall)
+    results = evaluate(constraints, run_file)
+    run_file.slo = [result.to_dict() for result in results]
+    run_file.save(out)
+
+    return ExperimentResult(scenario, seed, schedule, run_file, out, results,
+                            workload_exit, nemesis.errors)
+
+
+def bench_argv(scenario: Scenario, seed: int, out: Path) -> list[str]:
+    """The workload's command line: the matching bench with the file's options."""
+    if scenario.workload == "idle":
+        return []
+    return [sys.executable, "-m", "dslab", *BENCH_COMMANDS[scenario.workload],
+            "--duration", f"{scenario.duration_s:g}s", "--seed", str(seed),
+            "--out", str(out), *scenario.workload_options]
+
+
+def journal_timeline(home: Path, wall_from: float, wall_to: float) -> list[FaultEvent]:
+    """The faults applied and healed between two wall-clock moments, as a run
+    file's timeline (seconds since ``wall_from``)."""
+    journal = Journal(home)
+    targets = {fault.id: fault.target for fault in journal.faults()}
+    timeline = []
+    for event in journal.events():
+        at = float(event.get("started_at") or event.get("at") or 0.0)
+        if not wall_from - FAULT_MARGIN_S <= at <= wall_to:
+            continue
+        if event["event"] == APPLIED:
+            action, detail = str(event.get("kind")), str(event["id"])
+        elif event["event"] == HEALED:
+            action, detail = "heal", f"{event['id']}: {event.get('outcome', '')}"
+        else:
+            continue
+        target = str(event.get("target") or targets.get(str(event["id"]), ""))
+        timeline.append(FaultEvent(round(at - wall_from, 3), action, target, detail))
+    return sorted(timeline, key=lambda fault: fault.at)
+
+
+def _start_services(
+    scenario: Scenario, lab: Lab, on_event: Callable[[str], None] | None
+) -> None:
+    target = lab.redis_target()
+    for spec in scenario.services:
+        missing = spec.instances - len(services.running(lab, spec.kind))
+        if missing <= 0:
+            continue
+        args = ["--redis", target.url(with_password=True), *spec.options]
+        ports = services.choose_ports(missing, None, SERVICE_PORTS[spec.kind])
+        for port in ports:
+            record = services.launch(lab, spec.kind, SERVICE_MODULES[spec.kind],
+                                     args, port,
+                                     name_flag=SERVICE_NAME_FLAGS[spec.kind])
+            if on_event is not None:
+                on_event(f"started {record.name} at {record.extra['url']}")
+
+
+def _start_workload(argv: list[str], lab: Lab) -> subprocess.Popen[bytes] | None:
+    if not argv:
+        return None
+    return subprocess.Popen(argv, env={**os.environ, "DSLAB_HOME": str(lab.home)})
+
+
+def _wait(workload: subprocess.Popen[bytes] | None, duration_s: float) -> int:
+    if workload is None:
+        time.sleep(duration_s)  # the idle workload: just the faults
+        return 0
+    try:
+        return workload.wait(timeout=duration_s + WORKLOAD_GRACE_S)
+    except subprocess.TimeoutExpired:
+        workload.kill()
+        workload.wait()
+        raise DslabError(
+            f"the workload did not finish within {WORKLOAD_GRACE_S:.0f} s of its "
+            "duration and was killed",
+            fix="read its output above; the lab may be overloaded",
+        ) from None
+    except BaseException:
+        workload.terminate()
+        workload.wait(timeout=10)
+        raise
+
+
+def _run_file(
+    scenario: Scenario, seed: int, out: Path, argv: list[str], started: str,
+    lab: Lab,
+) -> RunFile:
+    meta_command = ["dslab", "chaos", "run", str(scenario.path)]
+    if argv and out.exists():
+        run_file = RunFile.load(out)
+        # The workload's own command line stays readable after the marker.
+        run_file.meta = replace(
+            run_file.meta, command=[*meta_command, "# workload:", *argv[2:]],
+            topology=scenario.topology.value,
+        )
+        return run_file
+    if argv:
+        raise CheckFailed(
+            f"the workload wrote no run file at {out}",
+            fix="read the workload's error above",
+        )
+    meta = RunMeta(
+        command=meta_command, dslab_version=__version__, started_at=started,
+        ended_at=utc_timestamp(), seed=seed, topology=scenario.topology.value,
+        targets=[str(lab.redis_target())],
+    )
+    return RunFile(meta=meta)
+
+
+def _epoch(iso: str, default: float) -> float:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return default
+
+
+def _slug(name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    if not slug:
+        raise UsageError("a scenario needs a name made of letters or digits")
+    return "-".join(part for part in slug.split("-") if part)[:40]
+
+
+def _stamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
