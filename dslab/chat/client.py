@@ -44,6 +44,9 @@ UNAVAILABLE_RETRY_S = 0.1
 # Pause before re-sending a rate-limited send: the bucket refills at 20/s.
 RATE_LIMITED_RETRY_S = 0.25
 CONNECT_TIMEOUT_S = 2.0
+# A join answers with "joined" before any replay, so this is generous; past
+# it the server is stuck and the client moves on to the next one.
+JOIN_TIMEOUT_S = 5.0
 # Error codes a retry cannot fix.
 FINAL_ERRORS = frozenset({"bad_json", "bad_frame", "bad_field", "too_large",
                           "unknown_type", "not_joined", "too_many_connections"})
@@ -207,11 +210,16 @@ class ChatClient:
                     ) as ws:
                         self._ws, self.url = ws, url
                         await ws.send_json(self._join_frame())
-                        async for message in ws:
-                            if message.type is aiohttp.WSMsgType.TEXT:
-                                self._handle(protocol.decode_server_frame(message.data))
-                                if self.joined.is_set():
-                                    backoff = self.backoff_first_s
+                        watchdog = asyncio.create_task(self._join_watchdog(ws))
+                        try:
+                            async for message in ws:
+                                if message.type is aiohttp.WSMsgType.TEXT:
+                                    self._handle(
+                                        protocol.decode_server_frame(message.data))
+                                    if self.joined.is_set():
+                                        backoff = self.backoff_first_s
+                        finally:
+                            watchdog.cancel()
                         self.close_codes.append(ws.close_code)
                 except (aiohttp.ClientError, OSError, TimeoutError, _JoinFailed) as exc:
                     log.debug("chat connection failed: %s %s", url, exc)
@@ -223,6 +231,16 @@ class ChatClient:
                 self._index += 1
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _join_watchdog(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """A join the server never answers must not hang the client: give up on
+        this connection after JOIN_TIMEOUT_S and try the next server."""
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                await self.joined.wait()
+        except TimeoutError:
+            log.debug("join not answered in %.0f s: %s", JOIN_TIMEOUT_S, self.url)
+            await ws.close()
 
     def _join_frame(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "join", "room": self.room, "user": self.user}

@@ -147,6 +147,14 @@ class RoomTail:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
                 continue
+            except Exception:
+                # A tail must never die: it shares its task group with every
+                # other room's tail, and its subscribers would wait forever.
+                log.exception("room tail failed unexpectedly, retrying: %s",
+                              self.room)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                continue
             for entry in entries:
                 frame = entry.frame()
                 for subscription in list(self.subscribers):
@@ -173,6 +181,11 @@ class RoomTail:
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.warning("room channel retrying: %s after %s", self.room,
                             type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
+            except Exception:
+                log.exception("room channel failed unexpectedly, retrying: %s",
+                              self.room)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_S)
             finally:

@@ -57,19 +57,29 @@ class Presence:
         return await self._refresh(room, now_ms)
 
     async def leave(self, room: str, user: str) -> None:
+        """Count one socket of ``user`` out of ``room``.
+
+        The local bookkeeping happens before the first ``await``: two sockets
+        of a room closing at once (a crashed server's users all leave
+        together) must not interleave between "is the room empty" and
+        "forget the room", and a join arriving meanwhile must not be lost.
+        """
         users = self.local.get(room)
-        if users is None:
+        if users is None or users[user] <= 0:
             return
         users[user] -= 1
-        if users[user] <= 0:
+        gone = users[user] <= 0
+        if gone:
             del users[user]
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self.client.zrem(presence_key(room), user)
         if not users:
             del self.local[room]
             self.known.pop(room, None)
-        else:
-            await self._refresh(room, _now_ms())
+
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if gone:
+                await self.client.zrem(presence_key(room), user)
+            if room in self.local:
+                await self._refresh(room, _now_ms())
 
     async def run(self) -> None:
         """Heartbeat forever; Redis trouble is logged and retried next beat."""

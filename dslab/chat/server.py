@@ -334,13 +334,18 @@ class Connection:
                                                 message=self._close_reason)
                 reader.cancel()
         finally:
-            for room in list(self.memberships):
-                await self._leave(room)
+            # The counts first: nothing below may keep a closed socket counted
+            # against its user's limit.
             counts = self.server.sockets_per_user
             for user in self.users:
                 counts[user] -= 1
                 if counts[user] <= 0:
                     del counts[user]
+            for room in list(self.memberships):
+                try:
+                    await self._leave(room)
+                except Exception:
+                    log.exception("leaving %s after the socket closed failed", room)
 
     async def _write(self) -> None:
         metrics = self.server.metrics

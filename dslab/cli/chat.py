@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
-from typing import Annotated
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from dslab import __version__
 from dslab.chat.client import ChatClient, Message
 from dslab.cli.context import lab_of
-from dslab.cli.output import console, note
-from dslab.errors import EnvironmentProblem, UsageError
+from dslab.cli.output import console, err_console, note, print_json
+from dslab.errors import CheckFailed, EnvironmentProblem, LabNotRunning, UsageError
 from dslab.lab import services
+from dslab.lab.lab import Lab
+from dslab.report.runfile import RunMeta, utc_timestamp
+from dslab.report.slo import evaluate, operation_figures, parse_slos
+from dslab.report.tables import NamedRun, render_report
+from dslab.settings import RedisTarget
+from dslab.units import parse_duration, parse_rate
+from dslab.workload import chat as load
 
 # Chat servers listen from here up unless --port says otherwise.
 DEFAULT_PORT = 8100
@@ -130,3 +141,173 @@ async def _converse(urls: list[str], room: str, user: str, history: int) -> None
             text = line.rstrip("\n")
             if text:
                 await client.send(text)
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    users: Annotated[int, typer.Option("--users", "-u", help="Virtual users, "
+                                       f"1-{load.MAX_USERS}.")] = 100,
+    rooms: Annotated[int, typer.Option("--rooms", help="Rooms; users are spread "
+                                       "over them round-robin.")] = 1,
+    rate: Annotated[str, typer.Option("--rate", help="Messages per user, e.g. "
+                                      "1/s or 12/m.")] = "1/s",
+    duration: Annotated[str, typer.Option("--duration", help="Measured time, "
+                                          "e.g. 30s (at most 10m).")] = "30s",
+    warmup: Annotated[
+        str | None, typer.Option("--warmup", help="Sends before measuring; they "
+                                 "are checked but not in the latency figures.")
+    ] = None,
+    servers: Annotated[
+        list[str] | None, typer.Option("--servers", help="Chat server URLs on "
+                                       "loopback, comma-separated or repeated "
+                                       "[default: the lab's chat servers].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the users' "
+                                             "send phases.")] = None,
+    processes: Annotated[
+        int | None, typer.Option("--processes", "-p", help="Load-generator "
+                                 "processes [default: 1 up to "
+                                 f"{load.ONE_PROCESS_MAX_USERS} users, else 2].")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run file [default: "
+                                  "runs/chat-bench-TIME.json].")
+    ] = None,
+    slo: Annotated[
+        list[str] | None, typer.Option("--slo", help="A constraint, e.g. "
+                                       "'deliver:p99<200ms' or 'lost==0'. "
+                                       "Repeatable.")
+    ] = None,
+    floor: Annotated[
+        bool, typer.Option("--floor/--no-floor", help="Measure a raw Redis XADD "
+                           "-> XREAD round trip beside the run (needs the lab).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Virtual users chatting over real WebSockets, checked for lost messages.
+
+    Each user sends --rate messages on a fixed timetable; latency runs from
+    the scheduled time to the ack (`ack`) and to each member of the room,
+    the sender included (`deliver`). Users fail over and resume like a real
+    client. Exits 1 if a message was lost, duplicated or reordered, or an
+    --slo failed; 2 for bad options; 3 when no chat server runs.
+    """
+    lab = lab_of(ctx)
+    constraints = parse_slos(slo or [])
+    rate_per_s = parse_rate(rate, what="--rate")
+    duration_s = parse_duration(duration, what="--duration",
+                                max_s=load.MAX_DURATION_S)
+    warmup_s = (parse_duration(warmup, what="--warmup", max_s=load.MAX_DURATION_S)
+                if warmup else 0.0)
+    urls = [url.strip() for item in servers or [] for url in item.split(",")
+            if url.strip()]
+    if not servers:
+        urls = [str(r.extra["url"]) for r in services.running(lab, "chat")]
+    if not urls:
+        raise EnvironmentProblem(
+            "no chat server is running in the lab",
+            fix="start some with `dslab chat serve --instances 2`, or pass --servers",
+        )
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    if processes is None:
+        processes = min(load.ChatPlan.default_processes(users), max(users, 1))
+    plan = load.ChatPlan(
+        tuple(load.require_loopback(url) for url in urls), users, rooms, rate_per_s,
+        duration_s, warmup_s, seed=seed, processes=processes,
+        run_id=f"bench{int(time.time())}s{seed % 10_000}",
+    )
+    floor_target = _floor_target(lab) if floor else None
+
+    result = _run_with_progress(plan, floor_target, quiet=as_json)
+    state = lab.state()
+    meta = RunMeta(
+        command=["dslab", *sys.argv[1:]], dslab_version=__version__,
+        started_at=_iso(result.wall_measured_from), ended_at=_iso(result.wall_ended),
+        seed=seed, topology=state.topology if state else None,
+        targets=list(plan.servers),
+    )
+    faults = load.journal_faults(lab.home, result.wall_measured_from,
+                                 result.wall_ended)
+    run = result.run_file(meta, faults)
+    results = evaluate(constraints, run)
+    run.slo = [r.to_dict() for r in results] if results else None
+    path = out or Path("runs") / (
+        "chat-bench-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + ".json")
+    run.save(path)
+
+    if as_json:
+        print_json({
+            "run_file": str(path), "ok": result.verdict.ok,
+            "verdict": run.verdict, "reconnects": result.reconnects,
+            "operations": {op: f.to_dict() for op, f in
+                           operation_figures(run).items()},
+            "slo": run.slo or [], "notes": result.notes,
+        })
+    else:
+        render_report(console, [NamedRun(str(path), run)],
+                      [(str(path), r) for r in results])
+        _print_summary(result, run.histograms, path)
+    problems = []
+    if not result.verdict.ok:
+        problems.append(f"the checker found anomalies ({result.verdict.summary()})")
+    failed = [r for r in results if not r.passed]
+    if failed:
+        problems.append(f"{len(failed)} of {len(results)} SLO checks failed "
+                        f"(first: {failed[0].constraint.text}: {failed[0].detail})")
+    if problems:
+        raise CheckFailed("; ".join(problems), fix=f"see the run file {path}")
+
+
+def _floor_target(lab: Lab) -> RedisTarget | None:
+    try:
+        return lab.redis_target()
+    except LabNotRunning:
+        return None
+
+
+def _iso(wall_s: float) -> str:
+    return utc_timestamp(datetime.fromtimestamp(wall_s, UTC))
+
+
+def _run_with_progress(
+    plan: load.ChatPlan, floor: RedisTarget | None, *, quiet: bool
+) -> load.ChatResult:
+    """Run the load with one live line on stderr."""
+    from rich.live import Live
+    from rich.text import Text
+
+    total_s = plan.warmup_s + plan.duration_s
+    note(f"{plan.users} users in {plan.rooms} room(s) send {plan.rate_per_s:g}/s "
+         f"each to {len(plan.servers)} server(s) for {total_s:g} s "
+         f"({plan.processes} process{'es' if plan.processes > 1 else ''}, "
+         f"seed {plan.seed}).")
+    if quiet:
+        return asyncio.run(load.run_chat_load(plan, floor=floor))
+    with Live(Text(""), console=err_console, transient=True,
+              refresh_per_second=4) as live:
+
+        def show(progress: load.Progress) -> None:
+            elapsed = min(max(progress.elapsed_s, 0.0), total_s)
+            live.update(Text(
+                f"{elapsed:5.1f}/{total_s:g} s  sent {progress.sent:,}  "
+                f"acked {progress.acked:,}  delivered {progress.delivered:,}  "
+                f"p99 {progress.p99_ms:.1f} ms  errors {progress.errors:,}  "
+                f"reconnects {progress.reconnects:,}"
+            ))
+
+        return asyncio.run(load.run_chat_load(plan, show, floor=floor))
+
+
+def _print_summary(result: load.ChatResult, histograms: dict[str, Any],
+                   path: Path) -> None:
+    console.print(f"sends {result.sends:,}, deliveries {result.deliveries:,}, "
+                  f"reconnects {result.reconnects:,}, gaps {result.gaps:,}")
+    deliver, floor = histograms.get(load.DELIVER), histograms.get(load.FLOOR)
+    if deliver is not None and floor is not None and floor.count and deliver.count:
+        ratio = deliver.percentile_us(99.0) / max(floor.percentile_us(99.0), 1)
+        console.print(f"deliver p99 is {ratio:.1f}x the Redis XADD->XREAD floor "
+                      f"p99 ({floor.percentile_us(99.0) / 1000:.2f} ms) of this run")
+    for line in result.notes:
+        console.print(f"note: {line}")
+    console.print(f"run file: {path}")
