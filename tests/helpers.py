@@ -6,17 +6,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 DSLAB = [sys.executable, "-m", "dslab"]
 
 
 def run_dslab(
-    *args: str, env: dict[str, str], timeout_s: float = 90.0, check: bool = False
+    *args: str, env: dict[str, str], timeout_s: float = 90.0, check: bool = False,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `dslab ARGS...` as a real process and capture its output."""
     done = subprocess.run(
         [*DSLAB, *args], env=env, capture_output=True, text=True,
-        timeout=timeout_s, check=False,
+        timeout=timeout_s, check=False, cwd=cwd,
     )
     if check and done.returncode != 0:
         raise AssertionError(

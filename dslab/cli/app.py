@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from dslab import __version__
-from dslab.cli import chaos, chat, doctor, lab, later, report, shorten
+from dslab.cli import chaos, chat, demo, doctor, exercise, lab, report, shorten
 from dslab.cli.context import CliContext
 from dslab.cli.output import err_console
 from dslab.errors import DslabError
@@ -77,7 +77,8 @@ app.add_typer(shorten.app, name="shorten")
 app.add_typer(report.app, name="report")
 app.add_typer(chaos.app, name="chaos")
 app.command("doctor")(doctor.doctor)
-later.register(app, only=["exercise"])
+app.command("demo")(demo.demo)
+app.add_typer(exercise.app, name="exercise")
 
 
 def main() -> None:
