@@ -13,7 +13,6 @@ and exits with ``exit_code``.
     │   ├── RedisNotFound           (3)
     │   ├── RedisTooOld             (3)
     │   ├── PortInUse               (3)
-    │   ├── NotAvailable            (3) a part of dslab that does not exist yet
     │   └── LabError                (3) the lab is not in a state to do it
     │       ├── LabStateCorrupt     (3)
     │       ├── LabNotRunning       (3)
@@ -72,10 +71,6 @@ class RedisTooOld(EnvironmentProblem):
 
 
 class PortInUse(EnvironmentProblem):
-    pass
-
-
-class NotAvailable(EnvironmentProblem):
     pass
 
 

@@ -15,6 +15,13 @@ Fault times count from the start of the workload process, so its set-up
 (connecting users, creating links) is part of the timeline; a scenario that
 wants faults during steady load schedules them after its warm-up.
 
+A run can grade someone else's server instead of dslab's own (``dslab
+exercise check --target``): a ``ServerTarget`` either names servers already
+running (the workload is pointed at them and faults aimed at dslab's servers
+of that kind are skipped, each with a note) or gives a command the lab
+launches as a supervised service in their place (so kill, pause and restart
+hit the learner's process).
+
 This module sits above ``chaos``, ``workload`` and ``report``; it departs
 from the layout of DESIGN.md, which has no place for code that uses all
 three (see docs/scenarios.md).
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -39,6 +47,7 @@ from dslab.chaos.scenario import Nemesis, PlannedFault, Scenario, plan
 from dslab.errors import CheckFailed, DslabError, Interrupted, UsageError
 from dslab.lab import services
 from dslab.lab.lab import Lab
+from dslab.lab.state import ProcessRecord
 from dslab.report.runfile import FaultEvent, RunFile, RunMeta, utc_timestamp
 from dslab.report.slo import SloResult, evaluate, parse_slos
 
@@ -56,6 +65,35 @@ FAULT_MARGIN_S = 5.0
 WORKLOAD_GRACE_S = 120.0
 
 
+@dataclass(frozen=True)
+class ServerTarget:
+    """The learner's own server in place of dslab's, for one service kind.
+
+    ``urls``: servers already running (``--target URL``). ``command``: a
+    command line with ``{port}`` and ``{redis}`` that the lab launches, once
+    per instance the scenario asks for (``--target-cmd``).
+    """
+
+    kind: str
+    urls: tuple[str, ...] = ()
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SERVICE_MODULES:
+            raise UsageError(f"no server kind {self.kind!r} to replace",
+                             fix=f"use one of {sorted(SERVICE_MODULES)}")
+        if bool(self.urls) == (self.command is not None):
+            raise UsageError("give either the URLs of running servers or a "
+                             "command that starts one, not both (nor neither)",
+                             fix="--target URL or --target-cmd 'CMD {port} {redis}'")
+
+    def hits(self, fault: PlannedFault) -> bool:
+        """Whether ``fault`` is aimed at dslab's own servers of this kind."""
+        text = fault.target.strip()
+        return (text in (f"random:{self.kind}", f"all:{self.kind}")
+                or text.startswith(f"{self.kind}-"))
+
+
 @dataclass
 class ExperimentResult:
     scenario: Scenario
@@ -66,6 +104,8 @@ class ExperimentResult:
     slo: list[SloResult] = field(default_factory=list)
     workload_exit: int = 0
     fault_errors: list[str] = field(default_factory=list)
+    # Faults left out because they aimed at servers replaced by a target.
+    skipped: list[PlannedFault] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -87,17 +127,31 @@ def run(
     extra_slo: list[str] | None = None,
     workload_argv: Callable[[Scenario, int, Path], list[str]] | None = None,
     on_event: Callable[[str], None] | None = None,
+    target: ServerTarget | None = None,
 ) -> ExperimentResult:
-    """Run ``scenario`` against ``lab``; every fault is healed before returning."""
+    """Run ``scenario`` against ``lab``; every fault is healed before returning.
+
+    With ``target`` the learner's servers stand in for dslab's (see module).
+    """
     seed = scenario.seed if seed is None else seed
     constraints = parse_slos([*scenario.slo, *(extra_slo or [])])
     schedule = plan(scenario, seed)
+    skipped: list[PlannedFault] = []
+    if target is not None and target.urls:
+        skipped = [fault for fault in schedule if target.hits(fault)]
+        schedule = [fault for fault in schedule if not target.hits(fault)]
+        for fault in skipped:
+            _tell(on_event, f"skipped {fault.action} {fault.target} at "
+                  f"{fault.at_s:g}s: it aims at dslab's own {target.kind} "
+                  "servers, and --target replaces them")
     out = out or Path("runs") / f"scenario-{_slug(scenario.name)}-{_stamp()}.json"
 
     lab.up(scenario.topology, scenario.persistence)
-    _start_services(scenario, lab, on_event)
+    target_urls = _start_services(scenario, lab, on_event, target)
 
     argv = (workload_argv or bench_argv)(scenario, seed, out)
+    if argv and target is not None and scenario.workload == target.kind:
+        argv += target_flags(target.kind, target_urls)
     nemesis = Nemesis(lab, schedule, seed, on_event)
     started_wall, started = time.time(), utc_timestamp()
     workload_exit = 0
@@ -121,7 +175,7 @@ def run(
     run_file.save(out)
 
     return ExperimentResult(scenario, seed, schedule, run_file, out, results,
-                            workload_exit, nemesis.errors)
+                            workload_exit, nemesis.errors, skipped)
 
 
 def bench_argv(scenario: Scenario, seed: int, out: Path) -> list[str]:
@@ -131,6 +185,16 @@ def bench_argv(scenario: Scenario, seed: int, out: Path) -> list[str]:
     return [sys.executable, "-m", "dslab", *BENCH_COMMANDS[scenario.workload],
             "--duration", f"{scenario.duration_s:g}s", "--seed", str(seed),
             "--out", str(out), *scenario.workload_options]
+
+
+def target_flags(kind: str, urls: list[str]) -> list[str]:
+    """The bench options that point a workload at exactly these servers."""
+    if kind == "chat":
+        return ["--servers", ",".join(urls)]
+    if len(urls) != 1:
+        raise UsageError(f"the shortener workload drives one server, not {len(urls)}",
+                         fix="give a single --target URL (one server, any workers)")
+    return ["--server", urls[0]]
 
 
 def journal_timeline(home: Path, wall_from: float, wall_to: float) -> list[FaultEvent]:
@@ -155,10 +219,24 @@ def journal_timeline(home: Path, wall_from: float, wall_to: float) -> list[Fault
 
 
 def _start_services(
-    scenario: Scenario, lab: Lab, on_event: Callable[[str], None] | None
-) -> None:
+    scenario: Scenario, lab: Lab, on_event: Callable[[str], None] | None,
+    server_target: ServerTarget | None = None,
+) -> list[str]:
+    """Start what the scenario asks for; the URLs of the target's servers."""
     target = lab.redis_target()
+    target_urls: list[str] = []
+    if server_target is not None and server_target.urls:
+        target_urls = list(server_target.urls)
     for spec in scenario.services:
+        if server_target is not None and spec.kind == server_target.kind:
+            if server_target.command is not None:
+                records = _launch_learner(lab, spec.instances, server_target,
+                                          target.url(with_password=True))
+                target_urls += [str(record.extra["url"]) for record in records]
+                for record in records:
+                    _tell(on_event, f"started {record.name} (your server) at "
+                          f"{record.extra['url']}")
+            continue
         missing = spec.instances - len(services.running(lab, spec.kind))
         if missing <= 0:
             continue
@@ -168,8 +246,51 @@ def _start_services(
             record = services.launch(lab, spec.kind, SERVICE_MODULES[spec.kind],
                                      args, port,
                                      name_flag=SERVICE_NAME_FLAGS[spec.kind])
-            if on_event is not None:
-                on_event(f"started {record.name} at {record.extra['url']}")
+            _tell(on_event, f"started {record.name} at {record.extra['url']}")
+    if server_target is not None and not target_urls:
+        raise UsageError(
+            f"the scenario starts no {server_target.kind} server, so there is "
+            "nothing for your command to replace",
+            fix="use --target URL with a server you started yourself",
+        )
+    return target_urls
+
+
+def _launch_learner(
+    lab: Lab, instances: int, server_target: ServerTarget, redis_url: str
+) -> list[ProcessRecord]:
+    """Start the learner's command as lab services of the replaced kind, so
+    that the workload finds them and faults aimed at that kind hit them.
+
+    Ready when the port accepts connections: a learner's server owes dslab
+    no health endpoint.
+    """
+    assert server_target.command is not None
+    ports = services.choose_ports(instances, None, SERVICE_PORTS[server_target.kind])
+    records = []
+    for port in ports:
+        try:
+            text = server_target.command.format(port=port, redis=redis_url)
+            argv = shlex.split(text)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UsageError(
+                f"cannot use the server command {server_target.command!r}: {exc}",
+                fix="write it as one command line; only {port} and {redis} are "
+                "filled in (double other braces: {{ }})",
+            ) from None
+        if not argv:
+            raise UsageError("the server command is empty",
+                             fix="e.g. --target-cmd './myserver --port {port}'")
+        url = f"http://127.0.0.1:{port}"
+        records.append(lab.launch(lab.next_name(server_target.kind),
+                                  server_target.kind, argv, port=port,
+                                  extra={"url": url, "command": text}))
+    return records
+
+
+def _tell(on_event: Callable[[str], None] | None, what: str) -> None:
+    if on_event is not None:
+        on_event(what)
 
 
 def _start_workload(argv: list[str], lab: Lab) -> subprocess.Popen[bytes] | None:

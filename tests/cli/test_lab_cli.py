@@ -23,14 +23,6 @@ def test_help_lists_every_command_group(lab_env: dict[str, str]) -> None:
         assert f"  {group}" in done.stdout
 
 
-def test_unbuilt_groups_say_so_with_exit_3(lab_env: dict[str, str]) -> None:
-    """A group that does not exist yet says 'not available yet' and exits 3."""
-    done = run_dslab("exercise", "list", env=lab_env)
-
-    assert done.returncode == 3
-    assert "not available yet" in done.stderr
-
-
 def test_usage_error_exits_2(lab_env: dict[str, str]) -> None:
     """An unknown topology is a usage error (exit 2) naming the valid choices."""
     done = run_dslab("lab", "up", "--topology", "mesh", env=lab_env)

@@ -1,0 +1,151 @@
+"""`dslab exercise list|show|check`: exit codes, and real checks of short runs,
+also of a "learner's" server started with --target-cmd or given by --target."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dslab.report.runfile import RunFile
+from tests.helpers import run_dslab
+
+# dslab's own chat server, started the way a learner's would be.
+LEARNER_CMD = f"{sys.executable} -m dslab.chat --port {{port}} --redis {{redis}}"
+
+
+@pytest.fixture
+def env(lab_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The test's lab folder; whatever a check leaves running is downed after."""
+    try:
+        yield lab_env
+    finally:
+        run_dslab("lab", "down", env=lab_env)
+
+
+def _state(env: dict[str, str]) -> Path:
+    return Path(env["DSLAB_HOME"]) / "state.json"
+
+
+def test_list_shows_every_exercise(env: dict[str, str]) -> None:
+    """`list` exits 0 with all ten exercises, and --json gives the same ten."""
+    table = run_dslab("exercise", "list", env=env, check=True)
+    listed = json.loads(run_dslab("exercise", "list", "--json", env=env,
+                                  check=True).stdout)
+
+    assert "Chat server crash" in table.stdout and "Sharding" in table.stdout
+    assert [item["number"] for item in listed] == list(range(1, 11))
+    assert listed[1]["variants"] == ["pubsub"]
+
+
+def test_show_renders_the_readme(env: dict[str, str]) -> None:
+    """`show 2` prints the README's parts and the scenario paths; `show 99` is 2."""
+    shown = run_dslab("exercise", "show", "2", env=env, check=True)
+    missing = run_dslab("exercise", "show", "99", env=env)
+
+    assert "Define" in shown.stdout and "Questions to answer" in shown.stdout
+    assert "scenario-pubsub.toml" in shown.stdout
+    assert missing.returncode == 2
+    assert "exercise list" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["99"], ["2", "--scenario", "nope"], ["2", "--duration", "1s"],
+     ["2", "--target", "http://127.0.0.1:1", "--target-cmd", "x {port}"]],
+    ids=["unknown", "bad-variant", "too-short", "both-targets"],
+)
+def test_check_refuses_bad_usage_before_starting_anything(
+    env: dict[str, str], args: list[str]
+) -> None:
+    """Usage mistakes exit 2 and start no lab."""
+    done = run_dslab("exercise", "check", *args, env=env)
+
+    assert done.returncode == 2, done.stderr
+    assert not _state(env).exists()
+
+
+def test_check_refuses_to_grade_inside_a_running_lab(env: dict[str, str]) -> None:
+    """A lab already running in the same home is not reused: exit 3, with the fix."""
+    run_dslab("lab", "up", env=env, check=True)
+
+    done = run_dslab("exercise", "check", "1", "--duration", "3s", env=env)
+
+    assert done.returncode == 3
+    assert "dslab lab down" in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_quick_check_of_the_baseline_passes_and_cleans_up(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`check 1 --duration 3s` runs for real, grades every constraint PASS,
+    exits 0 and leaves no lab behind."""
+    out = tmp_path / "run.json"
+
+    done = run_dslab("exercise", "check", "1", "--duration", "3s", "--out",
+                     str(out), env=env, timeout_s=80)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all 6 checks PASS" in done.stdout
+    assert "FAIL" not in done.stdout
+    run = RunFile.load(out)
+    assert run.slo is not None and all(result["ok"] for result in run.slo)
+    assert not _state(env).exists()
+
+
+@pytest.mark.timeout(90)
+def test_a_scenario_designed_to_fail_fails_with_exit_1(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """2-character codes without SET NX send redirects to the wrong link: exit 1,
+    and the output says the failure is by design."""
+    done = run_dslab("exercise", "check", "8", "--scenario", "no-reserve",
+                     "--duration", "3s", "--out", str(tmp_path / "run.json"),
+                     env=env, timeout_s=80)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "redirect:errors==0" in done.stdout
+    assert "designed to fail" in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_target_cmd_grades_the_learners_process_and_faults_hit_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """--target-cmd starts the learner's command as the lab's chat servers; the
+    scenario's kill lands on one of them and the check still passes."""
+    out = tmp_path / "run.json"
+
+    done = run_dslab("exercise", "check", "2", "--duration", "4s",
+                     "--target-cmd", LEARNER_CMD, "--out", str(out), env=env,
+                     timeout_s=80)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr.count("(your server)") == 2
+    kills = [fault for fault in RunFile.load(out).faults if fault.action == "kill"]
+    assert len(kills) == 1 and kills[0].target.startswith("chat-")
+
+
+@pytest.mark.timeout(90)
+def test_target_url_skips_faults_on_dslabs_servers_with_a_note(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """--target URL grades a server already running on the lab; the kill of
+    dslab's chat server is skipped and said so, and the lab keeps running."""
+    run_dslab("lab", "up", env=env, check=True)
+    served = run_dslab("chat", "serve", env=env, check=True)
+    url = next(word for word in served.stdout.split()
+               if word.startswith("http://127.0.0.1:"))
+    out = tmp_path / "run.json"
+
+    done = run_dslab("exercise", "check", "2", "--duration", "3s", "--target",
+                     url.rstrip("/"), "--out", str(out), env=env, timeout_s=80)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped kill random:chat" in done.stdout
+    assert [fault.action for fault in RunFile.load(out).faults] == []
+    assert _state(env).exists()
