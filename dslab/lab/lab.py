@@ -283,7 +283,11 @@ class Lab:
                 state = None
 
             records = state.processes if state else []
-            stopped = stop_processes(records)
+            # Services first, while Redis still answers their goodbyes (a chat
+            # server removes its users' presence); then the nodes.
+            services = [r for r in records if r.kind not in probe.REDIS_KINDS]
+            nodes = [r for r in records if r.kind in probe.REDIS_KINDS]
+            stopped = stop_processes(services) + stop_processes(nodes)
             already_dead = [r.name for r in records if r.name not in stopped]
 
             strays = processes_using(self.home)

@@ -40,7 +40,6 @@ import heapq
 import ipaddress
 import logging
 import math
-import multiprocessing
 import random
 import selectors
 import time
@@ -54,7 +53,7 @@ from urllib.parse import urlsplit
 
 from dslab.chaos.journal import APPLIED, HEALED, Journal
 from dslab.chat.client import ChatClient, Message, SendRejected
-from dslab.errors import DslabError, EnvironmentProblem, UsageError
+from dslab.errors import EnvironmentProblem, UsageError
 from dslab.redisconn import async_client
 from dslab.report.histogram import COARSE_SIGNIFICANT_DIGITS, LatencyHistogram
 from dslab.report.runfile import FaultEvent, LatencyRecorder, RunFile, RunMeta
@@ -67,6 +66,7 @@ from dslab.workload.checker import (
     Verdict,
     check_history,
 )
+from dslab.workload.shards import Shard, await_all, running_shards, start_all
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,6 @@ SEND_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 5.0
 # How often each process looks at its sockets to time reconnect gaps.
 GAP_POLL_S = 0.02
-# How often the parent refreshes the live progress.
-PROGRESS_INTERVAL_S = 0.25
 # The "current p99" of the progress line covers this much recent time.
 PROGRESS_WINDOW_S = 1.0
 # The Redis floor probe: one XADD -> XREAD round trip this often.
@@ -105,8 +103,6 @@ FLOOR_BLOCK_MS = 200
 FLOOR_STOP_TIMEOUT_S = 5.0
 # select() wakes timers to the microsecond but cannot watch fds past 1023.
 PRECISE_LOOP_MAX_USERS = 300
-# Time to wait for the processes to exit after their result came.
-JOIN_TIMEOUT_S = 5.0
 
 DELIVER = "deliver"
 ACK = "ack"
@@ -549,14 +545,6 @@ class ChatResult:
                                      verdict=verdict)
 
 
-@dataclass
-class _Worker:
-    process: multiprocessing.process.BaseProcess
-    channel: Connection
-    progress: Any
-    answer: Any = None
-
-
 async def run_chat_load(
     plan: ChatPlan,
     on_progress: Callable[[Progress], None] | None = None,
@@ -568,52 +556,43 @@ async def run_chat_load(
     With ``floor``, a Redis XADD -> XREAD round trip is measured on that Redis
     during the run, as operation ``redis-floor``.
     """
-    context = multiprocessing.get_context("spawn")
-    workers: list[_Worker] = []
     floor_samples: list[tuple[float, float]] = []
-    try:
-        for shard in range(plan.processes):
-            parent_end, child_end = context.Pipe()
-            progress = context.Array("q", PROGRESS_FIELDS, lock=False)
-            process = context.Process(
-                target=_shard_process, args=(plan, shard, child_end, progress),
-                name=f"dslab-chat-load-{shard}", daemon=True)
-            process.start()
-            child_end.close()
-            workers.append(_Worker(process, parent_end, progress))
-        await _await_all(workers, "ready", time.monotonic() + READY_TIMEOUT_S + 10)
-
-        started_at = time.monotonic() + START_DELAY_S
+    fix = "check that the chat servers run (`dslab lab status`); lower --users"
+    async with running_shards(
+        _shard_process, lambda shard: (plan, shard), plan.processes,
+        name="dslab-chat-load", progress_fields=PROGRESS_FIELDS,
+    ) as shards:
+        await await_all(shards, "ready", time.monotonic() + READY_TIMEOUT_S + 10,
+                        what="chat load generator", fix=fix)
         wall_started = time.time() + START_DELAY_S
-        for worker in workers:
-            worker.channel.send(("start", started_at))
+        started_at = start_all(shards, START_DELAY_S)
         log.debug("chat load started: %d users at %g/s", plan.users, plan.rate_per_s)
+
+        def tick(now: float) -> None:
+            if on_progress is not None:
+                on_progress(progress_of(shards, now - started_at))
+
         stop_floor = asyncio.Event()
         prober = (asyncio.create_task(probe_floor(
             floor, f"dslab:bench:{{{plan.run_id}}}:floor", started_at,
             floor_samples, stop_floor)) if floor is not None else None)
         try:
             ends = started_at + plan.warmup_s + plan.duration_s + SEND_TIMEOUT_S + 30
-            await _await_all(workers, "sent", ends, on_progress, started_at)
+            await await_all(shards, "sent", ends, what="chat load generator",
+                            fix=fix, on_tick=tick)
             totals: dict[str, int] = defaultdict(int)
-            for worker in workers:
-                for room, count in worker.answer.items():
+            for shard in shards:
+                for room, count in shard.answer.items():
                     totals[room] += count
-            for worker in workers:
-                worker.channel.send(("drain", dict(totals)))
-            await _await_all(workers, "done", time.monotonic() + DRAIN_TIMEOUT_S + 60,
-                             on_progress, started_at)
+            for shard in shards:
+                shard.channel.send(("drain", dict(totals)))
+            await await_all(shards, "done", time.monotonic() + DRAIN_TIMEOUT_S + 60,
+                            what="chat load generator", fix=fix, on_tick=tick)
         finally:
             floor_problem = await _stop(prober, stop_floor)
-    finally:
-        for worker in workers:
-            if worker.process.is_alive():
-                worker.process.terminate()
-            worker.process.join(timeout=JOIN_TIMEOUT_S)
-            worker.channel.close()
 
     measured_from = started_at + plan.warmup_s
-    result = _merge(plan, [w.answer for w in workers], measured_from,
+    result = _merge(plan, [shard.answer for shard in shards], measured_from,
                     wall_started + plan.warmup_s, floor_samples)
     if floor_problem:
         result.notes.append(f"the Redis floor could not be measured: {floor_problem}")
@@ -642,50 +621,11 @@ async def _stop(prober: asyncio.Task[None] | None,
     return None
 
 
-async def _await_all(
-    workers: list[_Worker], expected: str, deadline: float,
-    on_progress: Callable[[Progress], None] | None = None, started_at: float = 0.0,
-) -> None:
-    """Wait until every worker said ``expected``; any failure ends the run."""
-    waiting = set(range(len(workers)))
-    next_progress = 0.0
-    while waiting:
-        for index in sorted(waiting):
-            worker = workers[index]
-            if worker.channel.poll():
-                try:
-                    message, payload = worker.channel.recv()
-                except EOFError:
-                    message, payload = "failed", "it exited without a word"
-                if message == "failed":
-                    raise EnvironmentProblem(
-                        f"chat load generator {index} failed: {payload}",
-                        fix="check that the chat servers run (`dslab lab status`)")
-                if message == expected:
-                    worker.answer = payload
-                    waiting.discard(index)
-            elif not worker.process.is_alive():
-                raise EnvironmentProblem(
-                    f"chat load generator {index} died "
-                    f"(exit {worker.process.exitcode})",
-                    fix="run with -vv to see why; lower --users or --rate")
-        now = time.monotonic()
-        if on_progress is not None and now >= next_progress:
-            on_progress(progress_of(workers, now - started_at))
-            next_progress = now + PROGRESS_INTERVAL_S
-        if now > deadline:
-            raise DslabError(
-                f"the chat load generators did not report {expected!r} in time",
-                fix="the machine may be overloaded; lower --users or --rate")
-        if waiting:
-            await asyncio.sleep(0.02)
-
-
-def progress_of(workers: Sequence[_Worker], elapsed_s: float) -> Progress:
+def progress_of(shards: Sequence[Shard], elapsed_s: float) -> Progress:
     def total(slot: int) -> int:
-        return sum(int(w.progress[slot]) for w in workers)
+        return sum(int(s.progress[slot]) for s in shards)
 
-    p99_us = max((int(w.progress[WINDOW_P99_US]) for w in workers), default=0)
+    p99_us = max((int(s.progress[WINDOW_P99_US]) for s in shards), default=0)
     return Progress(elapsed_s, total(SENT), total(ACKED), total(DELIVERED),
                     total(ERRORS), total(RECONNECTS), p99_us / 1000)
 

@@ -45,7 +45,6 @@ import ipaddress
 import json
 import logging
 import math
-import multiprocessing
 import selectors
 import shutil
 import subprocess
@@ -65,6 +64,7 @@ from dslab.errors import DslabError, EnvironmentProblem, UsageError
 from dslab.report.histogram import COARSE_SIGNIFICANT_DIGITS, LatencyHistogram
 from dslab.report.runfile import SERIES_PERCENTILES, RunFile, RunMeta, SecondStats
 from dslab.workload.schedule import Mix, Operation, Picker, Timetable
+from dslab.workload.shards import Shard, await_all, running_shards, start_all
 
 log = logging.getLogger(__name__)
 
@@ -857,14 +857,6 @@ class LoadResult:
                        histograms=dict(self.histograms), verdict=self.verdict())
 
 
-@dataclass
-class _Worker:
-    process: multiprocessing.process.BaseProcess
-    channel: Connection
-    progress: Any
-    result: ShardResult | None = None
-
-
 async def run_load(
     plan: LoadPlan, on_progress: Callable[[Progress], None] | None = None
 ) -> LoadResult:
@@ -872,84 +864,30 @@ async def run_load(
 
     ``on_progress`` is called about every PROGRESS_INTERVAL_S while it runs.
     """
-    context = multiprocessing.get_context("spawn")
-    workers: list[_Worker] = []
-    try:
-        for shard in range(plan.processes):
-            parent_end, child_end = context.Pipe()
-            progress = context.Array("q", PROGRESS_FIELDS, lock=False)
-            process = context.Process(
-                target=_shard_process, args=(plan, shard, child_end, progress),
-                name=f"dslab-load-{shard}", daemon=True,
-            )
-            process.start()
-            child_end.close()
-            workers.append(_Worker(process, parent_end, progress))
-        await _await_all(workers, "ready", time.monotonic() + READY_TIMEOUT_S)
-
-        started_at = time.monotonic() + START_DELAY_S
-        for worker in workers:
-            worker.channel.send(("start", started_at))
+    fix = "check that the server runs; lower --rate or --connections"
+    async with running_shards(
+        _shard_process, lambda shard: (plan, shard), plan.processes,
+        name="dslab-load", progress_fields=PROGRESS_FIELDS,
+    ) as shards:
+        await await_all(shards, "ready", time.monotonic() + READY_TIMEOUT_S,
+                        what="load generator", fix=fix)
+        started_at = start_all(shards, START_DELAY_S)
         log.debug("load started: %s at %g/s", plan.target.url, plan.rate_per_s)
         deadline = (started_at + plan.warmup_s + plan.duration_s + plan.grace_s
                     + RESULT_TIMEOUT_S)
-        await _await_all(workers, "done", deadline, on_progress, started_at)
-    finally:
-        for worker in workers:
-            if worker.process.is_alive():
-                worker.process.terminate()
-            worker.process.join(timeout=5.0)
-            worker.channel.close()
 
-    return _merge(plan, [w.result for w in workers if w.result is not None])
+        def tick(now: float) -> None:
+            if on_progress is not None:
+                on_progress(_progress(shards, now - started_at))
 
+        await await_all(shards, "done", deadline, what="load generator", fix=fix,
+                        on_tick=tick)
 
-async def _await_all(
-    workers: list[_Worker],
-    expected: str,
-    deadline: float,
-    on_progress: Callable[[Progress], None] | None = None,
-    started_at: float = 0.0,
-) -> None:
-    """Wait until every worker sent ``expected``; a failure ends the run."""
-    waiting = set(range(len(workers)))
-    next_progress = 0.0
-    while waiting:
-        for index in list(waiting):
-            worker = workers[index]
-            if worker.channel.poll():
-                try:
-                    message, payload = worker.channel.recv()
-                except EOFError:
-                    message, payload = "failed", "it exited without a word"
-                if message == "failed":
-                    raise EnvironmentProblem(
-                        f"load generator {index} failed: {payload}",
-                        fix="check that the server runs and accepts connections",
-                    )
-                if message == "done":
-                    worker.result = payload
-                waiting.discard(index)
-            elif not worker.process.is_alive():
-                raise EnvironmentProblem(
-                    f"load generator {index} died (exit {worker.process.exitcode})",
-                    fix="run with -vv to see why; lower --rate or --connections",
-                )
-        now = time.monotonic()
-        if on_progress is not None and now >= next_progress:
-            on_progress(_progress(workers, now - started_at))
-            next_progress = now + PROGRESS_INTERVAL_S
-        if now > deadline:
-            raise DslabError(
-                f"the load generators did not report {expected} in time",
-                fix="the machine may be overloaded; lower --rate or --processes",
-            )
-        if waiting:
-            await asyncio.sleep(0.02)
+    return _merge(plan, [shard.answer for shard in shards])
 
 
-def _progress(workers: list[_Worker], elapsed_s: float) -> Progress:
-    totals = [sum(w.progress[i] for w in workers) for i in range(PROGRESS_FIELDS)]
+def _progress(shards: list[Shard], elapsed_s: float) -> Progress:
+    totals = [sum(s.progress[i] for s in shards) for i in range(PROGRESS_FIELDS)]
     return Progress(elapsed_s, totals[SENT], totals[ANSWERED_OK], totals[FAILED],
                     totals[BACKLOG], totals[WRONG])
 
