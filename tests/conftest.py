@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dslab.chaos.heal import heal_all
 from dslab.lab.lab import Lab
-from dslab.settings import LabSettings, Persistence, Topology
+from dslab.redisconn import async_client
+from dslab.settings import LabSettings, Persistence, RedisTarget, Topology
 
 # Each test process searches for free ports in its own region, so parallel
 # runs on one machine do not race for the same block.
@@ -66,3 +68,19 @@ def start_lab(lab_settings: LabSettings) -> Iterator[StartLab]:
     finally:
         for lab in labs:
             lab.down(force=True)
+
+
+@pytest.fixture
+def redis_target(start_lab: StartLab) -> RedisTarget:
+    """A standalone lab Redis for this test."""
+    return start_lab().redis_target()
+
+
+@pytest.fixture
+async def redis_client(redis_target: RedisTarget) -> AsyncIterator[Any]:
+    """An asyncio client on the test's Redis, closed afterwards."""
+    client = async_client(redis_target)
+    try:
+        yield client
+    finally:
+        await client.aclose()

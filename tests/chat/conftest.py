@@ -9,27 +9,9 @@ from typing import Any
 import pytest
 
 from dslab.chat.server import ChatConfig, RunningServer, start_server
-from dslab.redisconn import async_client
 from dslab.settings import RedisTarget
-from tests.conftest import StartLab
 
 StartChat = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-def redis_target(start_lab: StartLab) -> RedisTarget:
-    """A standalone lab Redis for this test."""
-    return start_lab().redis_target()
-
-
-@pytest.fixture
-async def redis_client(redis_target: RedisTarget) -> AsyncIterator[Any]:
-    """An asyncio client on the test's Redis, closed afterwards."""
-    client = async_client(redis_target)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -12,25 +12,8 @@ import pytest
 from dslab.redisconn import async_client
 from dslab.settings import RedisTarget
 from dslab.shortener.server import RunningServer, ShortenerConfig, start_server
-from tests.conftest import StartLab
 
 StartServer = Callable[..., Awaitable[RunningServer]]
-
-
-@pytest.fixture
-def redis_target(start_lab: StartLab) -> RedisTarget:
-    """A standalone lab Redis for this test."""
-    return start_lab().redis_target()
-
-
-@pytest.fixture
-async def redis_client(redis_target: RedisTarget) -> AsyncIterator[Any]:
-    """An asyncio client on the test's Redis, closed afterwards."""
-    client = async_client(redis_target)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
