@@ -41,7 +41,6 @@ import ipaddress
 import logging
 import math
 import random
-import selectors
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -66,7 +65,14 @@ from dslab.workload.checker import (
     Verdict,
     check_history,
 )
-from dslab.workload.shards import Shard, await_all, running_shards, start_all
+from dslab.workload.shards import (
+    Shard,
+    await_all,
+    precise_loop,
+    run_shard,
+    running_shards,
+    start_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -390,25 +396,9 @@ class _Shard:
 def _shard_process(plan: ChatPlan, shard: int, channel: Connection,
                    progress: Any) -> None:
     """Entry point of a load-generator process: join, wait, send, drain, report."""
-    loop_factory = (_precise_loop if plan.users / plan.processes
-                    <= PRECISE_LOOP_MAX_USERS else None)
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            result = runner.run(_shard_main(plan, shard, channel, progress))
-    except KeyboardInterrupt:
-        return
-    except BaseException as exc:  # reported to the parent
-        with contextlib.suppress(OSError):
-            channel.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    if result is not None:
-        channel.send(("done", result))
-
-
-def _precise_loop() -> asyncio.AbstractEventLoop:
-    # epoll sleeps in whole milliseconds, which would add up to 1 ms of the
-    # generator's own lateness to every send; select() sleeps in microseconds.
-    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+    precise = plan.users / plan.processes <= PRECISE_LOOP_MAX_USERS
+    run_shard(_shard_main(plan, shard, channel, progress), channel,
+              precise_loop if precise else None)
 
 
 async def _shard_main(plan: ChatPlan, shard: int, channel: Connection,

@@ -40,12 +40,10 @@ chunked encoding (every server dslab drives does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
 import math
-import selectors
 import shutil
 import subprocess
 import tempfile
@@ -64,7 +62,13 @@ from dslab.errors import DslabError, EnvironmentProblem, UsageError
 from dslab.report.histogram import COARSE_SIGNIFICANT_DIGITS, LatencyHistogram
 from dslab.report.runfile import SERIES_PERCENTILES, RunFile, RunMeta, SecondStats
 from dslab.workload.schedule import Mix, Operation, Picker, Timetable
-from dslab.workload.shards import Shard, await_all, running_shards, start_all
+from dslab.workload.shards import (
+    Shard,
+    await_all,
+    run_shard,
+    running_shards,
+    start_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ MAX_DURATION_S = 600.0
 # Each connection is a socket and a source address; more is a fork bomb.
 MAX_CONNECTIONS = 4096
 MAX_PROCESSES = 16
-# select() (see _precise_loop) only watches file descriptors below 1024.
+# select() (see shards.precise_loop) only watches file descriptors below 1024.
 MAX_CONNECTIONS_PER_PROCESS = 900
 # After the window closes: time to send a backlog and to hear the last answers.
 GRACE_S = 5.0
@@ -715,28 +719,7 @@ def _shard_process(
     plan: LoadPlan, shard: int, channel: Connection, progress: Any
 ) -> None:
     """Entry point of a load-generator process: connect, wait, run, report."""
-    try:
-        with asyncio.Runner(loop_factory=_precise_loop) as runner:
-            result = runner.run(_shard_main(plan, shard, channel, progress))
-    except KeyboardInterrupt:
-        return
-    except BaseException as exc:  # reported to the parent
-        with contextlib.suppress(OSError):
-            channel.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    if result is not None:
-        channel.send(("done", result))
-
-
-def _precise_loop() -> asyncio.AbstractEventLoop:
-    """An event loop whose timers fire within microseconds, not milliseconds.
-
-    epoll waits in whole milliseconds, so asyncio's default loop wakes a send
-    timer up to 1 ms late and that delay lands in every measured latency.
-    select() takes microseconds; with at most a few hundred sockets per
-    process its cost per wake-up is small.
-    """
-    return asyncio.SelectorEventLoop(selectors.SelectSelector())
+    run_shard(_shard_main(plan, shard, channel, progress), channel)
 
 
 async def _shard_main(
