@@ -175,6 +175,10 @@ def serve(
         bool, typer.Option("--allow-private-targets", help="Accept loopback and "
                            "private hosts as link targets.")
     ] = False,
+    replicas_ack: Annotated[
+        int, typer.Option("--replicas-ack", help="WAIT for N replicas to confirm "
+                          "each new link; the answer says if they did.")
+    ] = 0,
     create_per_minute: Annotated[
         float, typer.Option("--create-per-minute", help="Links one client may "
                             "create per minute and worker (429 beyond); 0: no "
@@ -203,6 +207,7 @@ def serve(
     args += ["--no-reserve"] if no_reserve else []
     args += ["--api-key", api_key] if api_key else []
     args += ["--allow-private-targets"] if allow_private_targets else []
+    args += ["--replicas-ack", str(replicas_ack)] if replicas_ack else []
     args += ["--create-per-minute", f"{create_per_minute:g}",
              "--not-found-per-minute", f"{not_found_per_minute:g}"]
     [chosen] = services.choose_ports(1, port, DEFAULT_PORT)

@@ -31,7 +31,7 @@ from types import FrameType
 from dslab.errors import DslabError, PortInUse, UsageError
 from dslab.logs import setup_server_logging
 from dslab.redisconn import async_client
-from dslab.settings import LOOPBACK_HOST, RedisTarget
+from dslab.settings import LOOPBACK_HOST, RedisKind, RedisTarget
 from dslab.shortener.codes import DEFAULT_CODE_LENGTH, MAX_CODE_LENGTH
 from dslab.shortener.server import REDIRECT_STATUSES, ShortenerConfig, start_server
 
@@ -65,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
     parser.add_argument("--code-length", type=int, default=DEFAULT_CODE_LENGTH)
     parser.add_argument("--no-reserve", action="store_true",
                         help="naive SET without NX: collisions overwrite links")
+    parser.add_argument("--replicas-ack", type=int, default=0, metavar="N",
+                        help="WAIT for N replicas to confirm each new link")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--create-requires-key", action="store_true")
     parser.add_argument("--public-url", default=None,
@@ -86,11 +88,21 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
         )
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port} is outside 0..65535")
+    target = RedisTarget.parse(args.redis)
+    if args.replicas_ack < 0:
+        raise UsageError(f"--replicas-ack {args.replicas_ack} must not be negative")
+    if args.replicas_ack and target.kind is RedisKind.CLUSTER:
+        raise UsageError(
+            "--replicas-ack works with one primary (standalone or Sentinel); "
+            "Redis Cluster would run WAIT on whichever node holds the key",
+            fix="leave --replicas-ack out on a Cluster",
+        )
     config = ShortenerConfig(
         public_url=args.public_url,
         redirect_status=args.redirect_status,
         code_length=args.code_length,
         reserve=not args.no_reserve,
+        replicas_ack=args.replicas_ack,
         api_key=args.api_key,
         create_requires_key=args.create_requires_key,
         blocklist=tuple(d.strip() for d in args.blocklist.split(",") if d.strip()),
@@ -101,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
     return ServeOptions(
         host=args.host,
         port=args.port,
-        target=RedisTarget.parse(args.redis),
+        target=target,
         workers=args.workers,
         config=config,
         verbosity=args.verbose,

@@ -104,6 +104,8 @@ class ShortenerConfig:
     redirect_status: int = 302
     code_length: int = DEFAULT_CODE_LENGTH
     reserve: bool = True  # False: the naive overwrite-on-collision mode
+    # Replicas that must confirm a creation (WAIT) for it to count as durable.
+    replicas_ack: int = 0
     api_key: str | None = None
     create_requires_key: bool = False
     own_hosts: tuple[str, ...] = ()
@@ -186,7 +188,7 @@ def build_app(
         config=config,
         store=LinkStore(
             client, code_length=config.code_length, reserve=config.reserve,
-            op_timeout_s=config.op_timeout_s,
+            op_timeout_s=config.op_timeout_s, replicas_ack=config.replicas_ack,
         ),
         near_cache=near_cache,
         invalidator=Invalidator(client, near_cache),
@@ -450,9 +452,18 @@ async def _create(request: web.Request) -> web.Response:
             "expires_at": _iso(link.expires_ms),
             "max_visits": link.max_visits,
             "reused": created.reused,
+            **_replica_fields(config.replicas_ack, created.replicas),
         },
         status=200 if created.reused else 201,
     )
+
+
+def _replica_fields(asked: int, confirmed: int | None) -> dict[str, Any]:
+    """How many replicas confirmed a creation: with ``replicas_met`` false the
+    link exists on the primary but may not survive its failover."""
+    if not asked or confirmed is None:
+        return {}
+    return {"replicas": confirmed, "replicas_met": confirmed >= asked}
 
 
 async def _info(request: web.Request) -> web.Response:

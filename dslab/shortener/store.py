@@ -56,6 +56,9 @@ INVALIDATION_CHANNEL = "dslab:shortener:invalidate"
 # Draws before giving up: at 50% occupancy the chance that 16 draws all
 # collide is 1.5e-5, so a 503 really means the space is (nearly) full.
 DEFAULT_MAX_ATTEMPTS = 16
+# How long a creation waits for replicas to confirm it (WAIT) before it
+# answers anyway, saying how many did.
+DEFAULT_REPLICAS_TIMEOUT_MS = 500
 # One Redis call may take this long; a redirect or create that waits longer is
 # better answered with a 503 the client can retry.
 DEFAULT_OP_TIMEOUT_S = 1.5
@@ -133,6 +136,9 @@ class Created:
     link: Link
     reused: bool  # True when "reuse" returned an existing link
     attempts: int  # codes drawn; 0 for an alias or a reused link
+    # With replica acknowledgement: replicas that confirmed the write (WAIT).
+    replicas: int | None = None
+
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ class LinkStore:
         *,
         code_length: int = DEFAULT_CODE_LENGTH,
         reserve: bool = True,
+        replicas_ack: int = 0,
+        replicas_timeout_ms: int = DEFAULT_REPLICAS_TIMEOUT_MS,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         op_timeout_s: float = DEFAULT_OP_TIMEOUT_S,
         clock_ms: Callable[[], int] = now_ms,
@@ -159,6 +167,8 @@ class LinkStore:
         self.client = client
         self.code_length = code_length
         self.reserve = reserve
+        self.replicas_ack = replicas_ack
+        self.replicas_timeout_ms = replicas_timeout_ms
         self.max_attempts = max_attempts
         self.op_timeout_s = op_timeout_s
         self.clock_ms = clock_ms
@@ -194,12 +204,14 @@ class LinkStore:
         )
         if alias is not None:
             link = link_for(alias)
-            if not await self._reserve(alias, link.to_json(), keep_ms, nx=True):
+            reserved, replicas = await self._reserve(alias, link.to_json(), keep_ms,
+                                                     nx=True)
+            if not reserved:
                 raise AliasTaken(
                     f"alias {alias!r} is already taken",
                     fix="pick another alias or leave it out for a random code",
                 )
-            created = Created(link, reused=False, attempts=0)
+            created = Created(link, reused=False, attempts=0, replicas=replicas)
         else:
             created = await self._create_random(link_for, keep_ms)
 
@@ -269,9 +281,11 @@ class LinkStore:
     ) -> Created:
         for attempt in range(1, self.max_attempts + 1):
             link = link_for(new_code(self.code_length))
-            if await self._reserve(link.code, link.to_json(), keep_ms,
-                                   nx=self.reserve):
-                return Created(link, reused=False, attempts=attempt)
+            reserved, replicas = await self._reserve(link.code, link.to_json(),
+                                                     keep_ms, nx=self.reserve)
+            if reserved:
+                return Created(link, reused=False, attempts=attempt,
+                               replicas=replicas)
             log.debug("code collision: %s (attempt %d)", link.code, attempt)
 
         raise CodeSpaceExhausted(
@@ -284,11 +298,26 @@ class LinkStore:
 
     async def _reserve(
         self, code: str, record: str, keep_ms: int | None, *, nx: bool
-    ) -> bool:
-        async with self._call("reserve"):
-            # nx=False is the naive mode: SET replaces whatever was there.
-            reply = await self.client.set(link_key(code), record, nx=nx, px=keep_ms)
-        return bool(reply)
+    ) -> tuple[bool, int | None]:
+        """Whether ``code`` was reserved, and (with replica acknowledgement)
+        how many replicas confirmed the write."""
+        if not self.replicas_ack:
+            async with self._call("reserve"):
+                # nx=False is the naive mode: SET replaces whatever was there.
+                reply = await self.client.set(link_key(code), record, nx=nx,
+                                              px=keep_ms)
+            return bool(reply), None
+
+        # WAIT counts the writes of its own connection, so the SET and the WAIT
+        # travel together in one pipeline (one connection).
+        async with (
+            self._call("reserve and wait for replicas"),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.set(link_key(code), record, nx=nx, px=keep_ms)
+            pipe.wait(self.replicas_ack, self.replicas_timeout_ms)
+            reply, confirmed = await pipe.execute()
+        return bool(reply), int(confirmed)
 
     async def _find_by_target(self, url: str) -> Link | None:
         async with self._call("reuse lookup"):
