@@ -240,7 +240,8 @@ def _start_services(
         missing = spec.instances - len(services.running(lab, spec.kind))
         if missing <= 0:
             continue
-        args = ["--redis", target.url(with_password=True), *spec.options]
+        args = ["--redis", target.url(with_password=True),
+                *services.own_args(lab, spec.kind), *spec.options]
         ports = services.choose_ports(missing, None, SERVICE_PORTS[spec.kind])
         for port in ports:
             record = services.launch(lab, spec.kind, SERVICE_MODULES[spec.kind],

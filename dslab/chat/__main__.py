@@ -12,7 +12,9 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
+from dslab.chat import tokens
 from dslab.chat.fanout import Delivery
 from dslab.chat.server import ChatConfig, start_server
 from dslab.errors import DslabError
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas-ack", type=int, default=0, metavar="N",
                         help="WAIT for N replicas before acknowledging a send")
     parser.add_argument("--name", default="chat")
+    parser.add_argument("--secret-file", type=Path, default=None,
+                        help="the lab's shared secret for identity tokens "
+                        "(made if missing); without it, joins are trusted")
     parser.add_argument("-v", "--verbose", action="count", default=1)
     return parser.parse_args(argv)
 
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             redis=RedisTarget.parse(args.redis), host=args.host, port=args.port,
             delivery=Delivery(args.delivery), replicas_ack=args.replicas_ack,
             name=args.name,
+            secret=(tokens.load_or_create_secret(args.secret_file)
+                    if args.secret_file else None),
         )
         asyncio.run(serve(config))
     except DslabError as error:

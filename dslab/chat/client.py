@@ -129,6 +129,8 @@ class ChatClient:
         self._pending: dict[str, _PendingSend] = {}
         self._task: asyncio.Task[None] | None = None
         self._count_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._token: str | None = None
+        self._unsigned = False  # the servers trust names: no token needed
 
     async def __aenter__(self) -> ChatClient:
         self._task = asyncio.create_task(self._run(), name=f"chat-client:{self.user}")
@@ -203,6 +205,7 @@ class ChatClient:
             while True:
                 url = self.urls[self._index % len(self.urls)]
                 try:
+                    await self._ensure_token(session, url)
                     async with session.ws_connect(
                         url, protocols=(protocol.SUBPROTOCOL,),
                         timeout=aiohttp.ClientWSTimeout(ws_close=CONNECT_TIMEOUT_S),
@@ -232,6 +235,22 @@ class ChatClient:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
+    async def _ensure_token(self, session: aiohttp.ClientSession, url: str) -> None:
+        """Get an identity token once, from any server (they share a secret);
+        a server that answers 404 does not sign identities."""
+        if self._token is not None or self._unsigned:
+            return
+        token_url = _http_base(url) + "/token"
+        async with session.post(
+            token_url, json={"user": self.user},
+            timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S),
+        ) as answer:
+            if answer.status == 404:
+                self._unsigned = True
+                return
+            answer.raise_for_status()
+            self._token = str((await answer.json())["token"])
+
     async def _join_watchdog(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """A join the server never answers must not hang the client: give up on
         this connection after JOIN_TIMEOUT_S and try the next server."""
@@ -244,6 +263,8 @@ class ChatClient:
 
     def _join_frame(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "join", "room": self.room, "user": self.user}
+        if self._token is not None:
+            frame["token"] = self._token
         if self.last_id is not None:
             frame["last_id"] = self.last_id
         elif self.history:
@@ -281,6 +302,10 @@ class ChatClient:
             pending.retry.set()
 
     def _on_error(self, frame: dict[str, Any]) -> None:
+        if frame.get("code") == "bad_token":
+            # Expired, or signed with another secret: fetch a fresh one on the
+            # reconnect that follows the server's close.
+            self._token = None
         if not self.joined.is_set() and frame.get("code") == "unavailable":
             # The join itself failed: drop this socket and try the next server.
             raise _JoinFailed(str(frame.get("detail")))
@@ -326,3 +351,11 @@ def _ws_url(url: str) -> str:
     if not url.rstrip("/").endswith("/ws"):
         url = url.rstrip("/") + "/ws"
     return url
+
+
+def _http_base(ws_url: str) -> str:
+    """``ws://host:port/ws`` -> ``http://host:port``."""
+    base = ws_url.removesuffix("/").removesuffix("/ws")
+    if base.startswith("ws://"):
+        return "http://" + base.removeprefix("ws://")
+    return "https://" + base.removeprefix("wss://")

@@ -28,6 +28,8 @@ MAX_FRAME_BYTES = 16 * 1024
 MAX_TEXT_BYTES = 4 * 1024
 # A client may ask for the newest N messages when it joins without a cursor.
 MAX_HISTORY = 100
+# A user name, an expiry and a 64-digit signature fit well within this.
+MAX_TOKEN_CHARS = 256
 
 # Room names become part of Redis keys, so braces and colons are refused:
 # braces would break the Cluster hash tag, colons the key layout.
@@ -37,6 +39,7 @@ CMID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ENTRY_ID_PATTERN = re.compile(r"\d{1,20}-\d{1,20}")
 
 # Close codes the server uses besides the standard 1000/1001/1009.
+CLOSE_BAD_TOKEN = 4001  # the join's identity token is missing or invalid
 CLOSE_SLOW_CONSUMER = 4008  # the socket fell behind: reconnect and resume
 CLOSE_PROTOCOL_ERROR = 4002  # too many malformed frames in a row
 CLOSE_TOO_MANY_CONNECTIONS = 4009  # this user has too many sockets on this server
@@ -60,6 +63,7 @@ class Join:
     user: str
     last_id: str | None = None
     history: int = 0
+    token: str | None = None  # required when the server signs identities
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,12 @@ def _join(data: dict[str, Any], room: str) -> Join:
     history = data.get("history", 0)
     if not isinstance(history, int) or not 0 <= history <= MAX_HISTORY:
         raise ProtocolError("bad_field", f"history must be 0..{MAX_HISTORY}")
+    token = data.get("token")
+    if token is not None and (not isinstance(token, str)
+                              or len(token) > MAX_TOKEN_CHARS):
+        raise ProtocolError("bad_token", "token must be a string from POST /token")
 
-    return Join(room, user, last_id, history)
+    return Join(room, user, last_id, history, token)
 
 
 def _send(data: dict[str, Any], room: str) -> Send:

@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from dslab.chat import protocol
+from dslab.chat import protocol, tokens
 from dslab.chat.fanout import OUTBOX_FRAMES, Delivery, Hub, Outbox, Subscription
 from dslab.chat.presence import Presence
 from dslab.chat.store import MAX_ENTRIES, ChatStore
@@ -86,6 +86,10 @@ class ChatConfig:
     send_burst: int = SEND_BURST
     max_connections_per_user: int = MAX_CONNECTIONS_PER_USER
     max_entries: int = MAX_ENTRIES
+    # The lab's shared signing secret: with it, a join must carry a token from
+    # POST /token. Without it the server trusts the join's user name, a mode
+    # for in-process experiments only (`dslab chat serve` always sets one).
+    secret: bytes | None = field(default=None, repr=False)
 
 
 class ChatMetrics:
@@ -150,6 +154,7 @@ class ChatServer:
         app = web.Application()
         app.router.add_get("/", self._index)
         app.router.add_get("/ws", self._websocket)
+        app.router.add_post("/token", self._token)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.cleanup_ctx.append(self._lifetime)
@@ -228,6 +233,21 @@ class ChatServer:
             return web.json_response(body, status=503)
         body["status"] = "ok"
         return web.json_response(body)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        """Sign an identity: ``{"user": NAME}`` -> ``{"token", "expires_at"}``."""
+        if self.config.secret is None:
+            raise web.HTTPNotFound(text="this server does not sign identities\n")
+        try:
+            body = await request.json()
+            user = body["user"] if isinstance(body, dict) else None
+            token, expires = tokens.issue(self.config.secret, str(user or ""))
+        except (ValueError, KeyError, protocol.ProtocolError) as exc:
+            return web.json_response(
+                {"error": "bad_field", "detail": f"send {{\"user\": NAME}}: {exc}"},
+                status=400)
+        return web.json_response({"user": user, "token": token,
+                                  "expires_at": expires})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         data = generate_latest(self.metrics.registry)
@@ -395,6 +415,23 @@ class Connection:
             await self._send(frame)
 
     async def _join(self, join: protocol.Join) -> None:
+        secret = self.server.config.secret
+        if secret is not None:
+            try:
+                if join.token is None:
+                    raise protocol.ProtocolError(
+                        "bad_token", "this server signs identities: join with "
+                        "a token from POST /token")
+                signed = tokens.verify(secret, join.token)
+                if signed != join.user:
+                    raise protocol.ProtocolError(
+                        "bad_token", f"the token speaks for {signed!r}, "
+                        f"not {join.user!r}")
+            except protocol.ProtocolError as error:
+                await self.outbox.put(protocol.error_frame(error.code,
+                                                           error.detail))
+                self._finish(protocol.CLOSE_BAD_TOKEN, b"bad token")
+                return
         if join.room in self.memberships:
             await self.outbox.put(protocol.error_frame(
                 "already_joined", f"already in room {join.room!r}; leave first"))

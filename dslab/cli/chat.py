@@ -80,7 +80,7 @@ def serve(
     lab = lab_of(ctx)
     target = services.redis_target(lab, redis_url)
     args = ["--redis", target.url(with_password=True), "--delivery", delivery,
-            "--replicas-ack", str(replicas_ack)]
+            "--replicas-ack", str(replicas_ack), *services.own_args(lab, "chat")]
 
     for chosen in services.choose_ports(instances, port, DEFAULT_PORT):
         record = services.launch(lab, "chat", "dslab.chat", args, chosen,

@@ -65,3 +65,11 @@ def launch(
         argv += [name_flag, name]
     return lab.launch(name, kind, argv, port=port,
                       extra={"url": url, "health_url": f"{url}/healthz"})
+
+
+def own_args(lab: Lab, kind: str) -> list[str]:
+    """Options every server of ``kind`` in this lab gets: the chat servers
+    share one secret (in the lab folder) to sign users' identity tokens."""
+    if kind == "chat":
+        return ["--secret-file", str(lab.home / "chat-secret")]
+    return []

@@ -110,3 +110,60 @@ def test_a_broken_scenario_is_a_usage_error(
 
     assert done.returncode == 2
     assert "workload.kind" in done.stderr
+
+
+CHAT_CRASH_SCENARIO = """
+name = "chat killed twice"
+seed = 5
+
+[[services]]
+kind = "chat"
+instances = 2
+options = ["--delivery", "{delivery}"]
+
+[workload]
+kind = "chat"
+duration = "8s"
+options = ["--users", "20", "--rate", "5/s"]
+
+[[faults]]
+at = "3s"
+action = "kill"
+target = "chat-1"
+
+[[faults]]
+at = "4s"
+action = "restart"
+target = "chat-1"
+
+[[faults]]
+at = "6s"
+action = "kill"
+target = "chat-2"
+
+[constraints]
+slo = ["lost==0", "duplicated==0", "reordered==0"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("delivery", "exit_code"), [("streams", 0), ("pubsub", 1)])
+def test_chat_servers_killed_twice(
+    scenario_env: dict[str, str], tmp_path: Path, delivery: str, exit_code: int
+) -> None:
+    """Two kills during a chat run: with streams nothing is lost (exit 0); the
+    naive pubsub mode loses messages and the scenario fails (exit 1)."""
+    path = tmp_path / "s.toml"
+    path.write_text(CHAT_CRASH_SCENARIO.replace("{delivery}", delivery))
+    out = tmp_path / "run.json"
+
+    done = run_dslab("chaos", "run", str(path), "--out", str(out),
+                     env=scenario_env, timeout_s=170)
+
+    assert done.returncode == exit_code, done.stderr[-3000:]
+    run = RunFile.load(out)
+    assert [f.action for f in run.faults if f.action == "kill"] == ["kill", "kill"]
+    assert run.verdict is not None
+    lost = run.verdict["total"]["lost"]
+    assert (lost == 0) if delivery == "streams" else (lost > 0)
