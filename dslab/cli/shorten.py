@@ -472,7 +472,9 @@ def _print_bench_summary(result: load.LoadResult, path: Path) -> None:
                       f"{lag[50.0] / 1000:.2f} ms, p99 {lag[99.0] / 1000:.2f} ms")
     if result.generator_saturated:
         console.print("warning: the load generator itself was saturated (its "
-                      "timers ran late); add --processes or lower --rate")
+                      "timers ran late, or a process used "
+                      f"{result.generator_cpu_share:.0%} of a core): its figures "
+                      "include its own queueing; add --processes or lower --rate")
     for warning in result.warnings():
         console.print(f"note: {warning}")
     console.print(f"run file: {path}")

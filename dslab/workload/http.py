@@ -88,6 +88,11 @@ RATE_HELD_SHARE = 0.9
 # Timer wake-ups later than this (p99) mean the generator, not the server,
 # is saturated: asyncio's own resolution is ~1 ms.
 GENERATOR_LAG_LIMIT_MS = 5.0
+# A generator process using this share of a core cannot go faster: what it
+# measures beyond that point is partly its own queueing.
+GENERATOR_CPU_LIMIT = 0.9
+# How often the generator checks its own event loop's lateness.
+LOOP_PROBE_S = 0.01
 # How often the processes publish their counters for the live progress line.
 PROGRESS_INTERVAL_S = 0.25
 # Spawning a process re-imports dslab; slow on a busy 2-core box.
@@ -336,6 +341,7 @@ class ShardResult:
     last_sent_offset_s: float  # last measured send, from the window's start
     send_lag: str  # encoded histogram: actual send time - intended time
     timer_lag: str  # encoded histogram: how late the send timer fired
+    cpu_share: float = 0.0  # this process's CPU seconds per second of its run
 
 
 class _Pending:
@@ -431,6 +437,7 @@ class _Shard:
             lambda: defaultdict(int))
         self.send_lag = LatencyHistogram()
         self.timer_lag = LatencyHistogram()
+        self.cpu_began = (time.process_time(), time.monotonic())
         self.wrong_examples: list[dict[str, str]] = []
         self.counters = [0] * PROGRESS_FIELDS
         self.last_sent = 0.0
@@ -495,20 +502,33 @@ class _Shard:
                                    started_at, self.shard, plan.processes)
         self.measured_from = started_at + plan.warmup_s
         self.deadline = self.measured_from + plan.duration_s + plan.grace_s
+        self.cpu_began = (time.process_time(), time.monotonic())
         reporter = asyncio.create_task(self._report_progress())
+        watcher = asyncio.create_task(self._watch_loop())
         try:
             await self._dispatch()
             await self._drain()
         finally:
             self.closing = True
             reporter.cancel()
+            watcher.cancel()
             for task in list(self.tasks):
                 task.cancel()
-            await asyncio.gather(reporter, *self.tasks, return_exceptions=True)
+            await asyncio.gather(reporter, watcher, *self.tasks,
+                                 return_exceptions=True)
             for connection in list(self.connections):
                 connection.close()
 
         return self._result()
+
+    async def _watch_loop(self) -> None:
+        """Time this process's own event loop: a generator too busy to keep
+        its timetable never sleeps waiting for a send, so only a timer of its
+        own shows that it, not the server, is late."""
+        while True:
+            due = self.loop.time() + LOOP_PROBE_S
+            await asyncio.sleep(LOOP_PROBE_S)
+            self.timer_lag.record_us(max(0, round((self.loop.time() - due) * 1e6)))
 
     async def _dispatch(self) -> None:
         total = self.timetable.requests
@@ -684,6 +704,9 @@ class _Shard:
         planned = self._measured_requests()
         sent_measured = self.counters[SENT]
         self._publish()
+        cpu_at, wall_at = self.cpu_began
+        cpu_share = ((time.process_time() - cpu_at)
+                     / max(1e-6, time.monotonic() - wall_at))
 
         return ShardResult(
             histograms={op: h.encode() for op, h in self.histograms.items()},
@@ -699,6 +722,7 @@ class _Shard:
             last_sent_offset_s=max(0.0, self.last_sent - self.measured_from),
             send_lag=self.send_lag.encode(),
             timer_lag=self.timer_lag.encode(),
+            cpu_share=cpu_share,
         )
 
     def _measured_requests(self) -> int:
@@ -776,6 +800,8 @@ class LoadResult:
     send_lag: LatencyHistogram
     timer_lag: LatencyHistogram
     engine: str = "python"
+    # The busiest generator process's CPU seconds per second of run.
+    generator_cpu_share: float = 0.0
     # Closed-loop engines (wrk) send as fast as answers come back: there is no
     # asked rate to hold, and latency is measured from the actual send.
     open_loop: bool = True
@@ -793,8 +819,10 @@ class LoadResult:
 
     @property
     def generator_saturated(self) -> bool:
-        """The load generator's own timers ran late: it, not the server, was busy."""
-        return self.timer_lag.percentile_us(99.0) > GENERATOR_LAG_LIMIT_MS * 1000
+        """The load generator, not the server, was the busy one: its own
+        timers ran late, or one of its processes used (nearly) a whole core."""
+        return (self.timer_lag.percentile_us(99.0) > GENERATOR_LAG_LIMIT_MS * 1000
+                or self.generator_cpu_share >= GENERATOR_CPU_LIMIT)
 
     @property
     def failures(self) -> int:
@@ -828,6 +856,7 @@ class LoadResult:
             "unsent": self.unsent,
             "send_lag_p99_ms": self.send_lag.percentile_us(99.0) / 1000,
             "generator_saturated": self.generator_saturated,
+            "generator_cpu_share": round(self.generator_cpu_share, 2),
             "connections": self.plan.connections,
             "processes": self.plan.processes,
             "engine": self.engine,
@@ -923,6 +952,7 @@ def _merge(plan: LoadPlan, results: list[ShardResult]) -> LoadResult:
         wrong_examples=[e for r in results for e in r.wrong_examples][:WRONG_EXAMPLES],
         planned=planned, sent=sent, unsent=sum(r.unsent for r in results),
         achieved_rate=achieved, send_lag=send_lag, timer_lag=timer_lag,
+        generator_cpu_share=max((r.cpu_share for r in results), default=0.0),
     )
 
 
