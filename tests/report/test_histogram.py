@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hdrh.histogram import HdrHistogram
 from hypothesis import given, settings
@@ -86,3 +88,26 @@ def test_damaged_encoding_is_a_usage_error(bad: str) -> None:
     """Text that is not an encoded histogram raises UsageError, not a crash."""
     with pytest.raises(UsageError):
         LatencyHistogram.decode(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=60_000_000), min_size=1,
+             max_size=2_000),
+    st.sampled_from([50.0, 90.0, 99.0, 99.9, 100.0]),
+)
+def test_percentiles_agree_with_a_brute_force_nearest_rank(
+    values: list[int], percentile: float
+) -> None:
+    """On any data, a percentile from the histogram equals the exact
+    nearest-rank percentile of the sorted values, to the histogram's
+    resolution (3 significant digits)."""
+    histogram = LatencyHistogram()
+    for value in values:
+        histogram.record_us(value)
+    ordered = sorted(values)
+    exact = ordered[max(0, math.ceil(percentile / 100 * len(ordered)) - 1)]
+
+    found = histogram.percentile_us(percentile)
+
+    assert found == pytest.approx(exact, rel=1e-3, abs=1)
