@@ -150,3 +150,26 @@ def test_target_url_skips_faults_on_dslabs_servers_with_a_note(
     assert "skipped kill random:chat" in done.stdout
     assert [fault.action for fault in RunFile.load(out).faults] == []
     assert _state(env).exists()
+
+
+NAIVE_SERVER = Path(__file__).resolve().parents[1] / "fixtures" / "naive_chat_server.py"
+
+
+@pytest.mark.timeout(90)
+def test_an_incomplete_learner_server_fails_the_check(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A learner's server that keeps messages in memory (no Redis, no replay)
+    is graded through --target-cmd and fails lost==0, exit 1."""
+    out = tmp_path / "run.json"
+    command = f"{sys.executable} {NAIVE_SERVER} --port {{port}} --redis {{redis}}"
+
+    done = run_dslab("exercise", "check", "2", "--duration", "4s",
+                     "--target-cmd", command, "--out", str(out), env=env,
+                     timeout_s=80)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    run = RunFile.load(out)
+    assert run.verdict is not None and run.verdict["total"]["lost"] > 0
+    grades = {result["rule"]: result["ok"] for result in run.slo or []}
+    assert grades["lost==0"] is False
