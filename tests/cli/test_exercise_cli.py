@@ -173,3 +173,23 @@ def test_an_incomplete_learner_server_fails_the_check(
     assert run.verdict is not None and run.verdict["total"]["lost"] > 0
     grades = {result["rule"]: result["ok"] for result in run.slo or []}
     assert grades["lost==0"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("number", "duration"), [("2", "5s"), ("5", "8s")])
+def test_correctness_exercises_pass_in_a_quick_check(
+    env: dict[str, str], tmp_path: Path, number: str, duration: str
+) -> None:
+    """The chat crash (02) and the frozen Redis (05) exercises, shortened: their
+    faults happen (scaled to the duration) and nothing is lost, doubled or
+    reordered, so the check passes with exit 0."""
+    out = tmp_path / "run.json"
+
+    done = run_dslab("exercise", "check", number, "--duration", duration,
+                     "--out", str(out), env=env, timeout_s=110)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = RunFile.load(out)
+    assert run.faults, "the exercise's fault did not happen"
+    assert run.verdict is not None and run.verdict["total"]["lost"] == 0
