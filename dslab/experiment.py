@@ -125,7 +125,6 @@ def run(
     seed: int | None = None,
     out: Path | None = None,
     extra_slo: list[str] | None = None,
-    workload_argv: Callable[[Scenario, int, Path], list[str]] | None = None,
     on_event: Callable[[str], None] | None = None,
     target: ServerTarget | None = None,
 ) -> ExperimentResult:
@@ -149,7 +148,7 @@ def run(
     lab.up(scenario.topology, scenario.persistence)
     target_urls = _start_services(scenario, lab, on_event, target)
 
-    argv = (workload_argv or bench_argv)(scenario, seed, out)
+    argv = bench_argv(scenario, seed, out)
     if argv and target is not None and scenario.workload == target.kind:
         argv += target_flags(target.kind, target_urls)
     nemesis = Nemesis(lab, schedule, seed, on_event)

@@ -44,7 +44,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,6 @@ class Scenario:
     faults: tuple[FaultRule, ...]
     slo: tuple[str, ...] = ()
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load(path: Path) -> Scenario:
