@@ -25,6 +25,7 @@ from dslab.chaos.heal import MAX_DURATION_S, HealResult, heal
 from dslab.chaos.journal import Fault, Journal
 from dslab.chaos.targets import resolve
 from dslab.cli.context import lab_of
+from dslab.cli.options import JsonOption
 from dslab.cli.output import console, note, print_json
 from dslab.errors import CheckFailed, EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
@@ -48,9 +49,6 @@ SeedOption = Annotated[
     int | None,
     typer.Option("--seed", help="Seed for random targets, so a run can be "
                  "repeated [default: a fresh one, printed with --json]."),
-]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document instead of text.")
 ]
 ForOption = Annotated[
     str | None,

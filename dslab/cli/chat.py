@@ -15,6 +15,7 @@ import typer
 from dslab import __version__
 from dslab.chat.client import ChatClient, Message
 from dslab.cli.context import lab_of
+from dslab.cli.options import RedisOption
 from dslab.cli.output import console, err_console, note, print_json
 from dslab.errors import CheckFailed, EnvironmentProblem, LabNotRunning, UsageError
 from dslab.lab import services
@@ -36,11 +37,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-RedisOption = Annotated[
-    str | None,
-    typer.Option("--redis", help="Redis URL (redis://, redis+sentinel://, "
-                 "redis+cluster://) [default: the running lab]."),
-]
 
 
 @app.command()

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from dslab.cli.context import lab_of
+from dslab.cli.options import JsonOption
 from dslab.cli.output import console, note, print_json
 from dslab.errors import UsageError
 from dslab.lab import bench as lab_bench
@@ -25,9 +26,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document instead of a table.")
-]
 RedisServerOption = Annotated[
     str | None,
     typer.Option("--redis-server", envvar="DSLAB_REDIS_SERVER", show_envvar=True,

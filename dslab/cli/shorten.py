@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from dslab import __version__
 from dslab.cli.context import lab_of
 from dslab.cli.http import request
+from dslab.cli.options import JsonOption, RedisOption
 from dslab.cli.output import console, err_console, note, print_json
 from dslab.errors import CheckFailed, DslabError, EnvironmentProblem, UsageError
 from dslab.lab import services
@@ -56,12 +57,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-RedisOption = Annotated[
-    str | None,
-    typer.Option("--redis", help="Redis URL (redis://, redis+sentinel://, "
-                 "redis+cluster://) [default: the running lab]."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _lab(ctx: typer.Context) -> Lab:
