@@ -237,3 +237,19 @@ async def test_page_qr_health_and_metrics(
         text = await reply.text()
     assert 'dslab_shortener_requests_total{route="create",status="201"} 1.0' in text
     assert "dslab_shortener_redirect_seconds_count 1.0" in text
+
+
+async def test_code_generation_is_timed_apart_for_random_codes_only(
+    start_shortener: StartServer, http: aiohttp.ClientSession
+) -> None:
+    """dslab_shortener_code_seconds counts the two random-code creations and
+    not the alias one: an alias draws no code."""
+    server = await start_shortener()
+    await _create(http, server.url)
+    await _create(http, server.url, url="https://example.org/two")
+    await _create(http, server.url, url="https://example.org/3", alias="mine")
+
+    async with http.get(f"{server.url}/metrics") as reply:
+        text = await reply.text()
+    assert "dslab_shortener_code_seconds_count 2.0" in text
+    assert 'dslab_shortener_create_seconds_count 3.0' in text
