@@ -13,7 +13,14 @@ script that applies the effects only if its ``XACK`` acknowledged the entry
 processed again is therefore counted once. Entries a killed worker had read
 but not acknowledged are claimed by a survivor after ``CLAIM_IDLE_MS``.
 
-Run with ``python -m dslab.chat.worker --redis URL --room lobby [--room ...]``.
+Run with ``python -m dslab.chat.worker --redis URL --room lobby [--room ...]``,
+or with ``--all-rooms`` to follow every room's stream, including rooms created
+after the worker started (found by scanning for stream keys every
+``DISCOVER_EVERY_S``; a room found late is processed from its first entry).
+
+``audit`` answers the exactly-once question from Redis alone: per room, the
+stream's entries, the messages the pool counted, and the entries still
+pending. ``dslab chaos run`` uses it to grade scenarios that run workers.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import re
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -48,6 +56,11 @@ BATCH_ENTRIES = 10
 # Under the Redis client's 2 s socket timeout.
 BLOCK_MS = 1000
 MENTION = re.compile(r"@([A-Za-z0-9_.-]{1,32})")
+# How often --all-rooms looks for new rooms' streams.
+DISCOVER_EVERY_S = 1.0
+# Every room's stream, whatever its name: the hash tag braces hold the room.
+LOG_KEY_PATTERN = "dslab:chat:{*}:log"
+ROOM_OF_LOG_KEY = re.compile(r"^dslab:chat:\{(.+)\}:log$")
 
 # KEYS: log, stats, mention keys...; ARGV: group, entry id, user, worker, ms.
 PROCESS_LUA = """
@@ -73,22 +86,33 @@ def mentions_key(room: str, user: str) -> str:
 
 
 class ChatWorker:
-    """One consumer of the pool; ``run`` processes ``rooms`` until cancelled."""
+    """One consumer of the pool; ``run`` processes ``rooms`` (or, with
+    ``all_rooms``, every room that has or gets a stream) until cancelled."""
 
     def __init__(
-        self, client: Any, rooms: list[str], name: str, *, work_ms: int = 0
+        self, client: Any, rooms: list[str], name: str, *, work_ms: int = 0,
+        all_rooms: bool = False,
     ) -> None:
         self.client = client
         self.rooms = rooms
         self.name = name
         self.work_ms = work_ms  # simulated work per message, for demos and tests
+        self.all_rooms = all_rooms
         self.processed = 0
         self._process = client.register_script(PROCESS_LUA)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
+            followed = set(self.rooms)
             for room in self.rooms:
                 group.create_task(self._follow(room), name=f"worker:{room}")
+            while self.all_rooms:
+                for room in await rooms_with_streams(self.client):
+                    if room not in followed:
+                        followed.add(room)
+                        log.info("worker following room %s", room)
+                        group.create_task(self._follow(room), name=f"worker:{room}")
+                await asyncio.sleep(DISCOVER_EVERY_S)
 
     async def _follow(self, room: str) -> None:
         await self._ensure_group(room)
@@ -146,14 +170,69 @@ class ChatWorker:
             self.processed += 1
 
 
-async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int) -> None:
+@dataclass(frozen=True)
+class RoomAudit:
+    """What Redis says the pool did with one room's stream."""
+
+    room: str
+    entries: int  # in the stream now
+    processed: int  # counted in the room's stats, exactly once each if all is well
+    pending: int  # delivered to a worker and never acknowledged
+
+    @property
+    def missed(self) -> int:
+        return max(self.entries - self.processed - self.pending, 0)
+
+    @property
+    def duplicated(self) -> int:
+        return max(self.processed - self.entries, 0)
+
+
+async def rooms_with_streams(client: Any) -> list[str]:
+    """Every room that has a stream, from a SCAN of the stream keys."""
+    rooms = set()
+    async for key in client.scan_iter(match=LOG_KEY_PATTERN, count=500,
+                                      _type="stream"):
+        found = ROOM_OF_LOG_KEY.match(_text(key))
+        if found:
+            rooms.add(found.group(1))
+    return sorted(rooms)
+
+
+async def audit(client: Any, rooms: list[str] | None = None) -> list[RoomAudit]:
+    """Entries, processed and pending messages per room (all rooms by default).
+
+    Attention: ``entries`` is the stream's length now; a stream trimmed by
+    retention during the run makes ``processed`` exceed it. dslab's retention
+    (see store.py) is far above what a scenario appends.
+    """
+    audits = []
+    for room in rooms if rooms is not None else await rooms_with_streams(client):
+        entries = int(await client.xlen(log_key(room)))
+        processed = int(await client.hget(stats_key(room), "messages") or 0)
+        try:
+            summary = await client.xpending(log_key(room), WORKER_GROUP)
+            pending = int(summary["pending"])
+        except redis.exceptions.ResponseError:  # NOGROUP: no worker ever came
+            pending = 0
+        audits.append(RoomAudit(room, entries, processed, pending))
+    return audits
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int,
+                *, all_rooms: bool = False) -> None:
     client = async_client(target)
-    worker = ChatWorker(client, rooms, name, work_ms=work_ms)
+    worker = ChatWorker(client, rooms, name, work_ms=work_ms, all_rooms=all_rooms)
     task = asyncio.create_task(worker.run())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
-    log.info("chat worker ready: %s rooms=%s", name, ",".join(rooms))
+    log.info("chat worker ready: %s rooms=%s", name,
+             "all" if all_rooms else ",".join(rooms))
     try:
         await task
     except asyncio.CancelledError:
@@ -165,14 +244,17 @@ async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dslab.chat.worker")
     parser.add_argument("--redis", required=True)
-    parser.add_argument("--room", action="append", required=True)
+    rooms = parser.add_mutually_exclusive_group(required=True)
+    rooms.add_argument("--room", action="append")
+    rooms.add_argument("--all-rooms", action="store_true",
+                       help="follow every room's stream, also rooms created later")
     parser.add_argument("--name", default="worker")
     parser.add_argument("--work-ms", type=int, default=0,
                         help="simulated work per message (demos, tests)")
     args = parser.parse_args(argv)
     setup_server_logging(1)
-    asyncio.run(serve(RedisTarget.parse(args.redis), args.room, args.name,
-                      args.work_ms))
+    asyncio.run(serve(RedisTarget.parse(args.redis), args.room or [], args.name,
+                      args.work_ms, all_rooms=args.all_rooms))
     return 0
 
 

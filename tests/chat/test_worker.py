@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dslab.chat.store import ChatStore, log_key
-from dslab.chat.worker import WORKER_GROUP, mentions_key, stats_key
+from dslab.chat.worker import WORKER_GROUP, audit, mentions_key, stats_key
 from dslab.settings import RedisTarget
 
 MESSAGES = 200
@@ -27,12 +27,14 @@ def start_worker(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Any]:
     """Factory of worker processes; every one is killed after the test."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str) -> subprocess.Popen[bytes]:
+    def start(name: str, *rooms: str) -> subprocess.Popen[bytes]:
         log = tmp_path / f"{name}.log"
+        room_args = ["--room", "r"] if not rooms else [
+            arg for room in rooms for arg in ("--room", room)]
         with log.open("wb") as handle:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dslab.chat.worker", "--redis",
-                 redis_target.url(with_password=True), "--room", "r",
+                 redis_target.url(with_password=True), *room_args,
                  "--name", name, "--work-ms", "10"],
                 stdout=subprocess.DEVNULL, stderr=handle,
                 cwd=Path(__file__).parents[2],
@@ -58,6 +60,23 @@ async def has_pending(redis_client: Any, consumer: str) -> bool:
     rows = await redis_client.xpending_range(
         log_key("r"), WORKER_GROUP, min="-", max="+", count=1000)
     return any(row["consumer"] == consumer for row in rows)
+
+
+async def _start_all_rooms_worker(
+    redis_target: RedisTarget, tmp_path: Path, name: str
+) -> subprocess.Popen[bytes]:
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dslab.chat.worker", "--redis",
+             redis_target.url(with_password=True), "--all-rooms", "--name", name],
+            stdout=subprocess.DEVNULL, stderr=handle, cwd=Path(__file__).parents[2],
+        )
+    async with asyncio.timeout(15):
+        while "chat worker ready" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            await asyncio.sleep(0.05)
+    return process
 
 
 async def test_killed_worker_entries_are_processed_once_by_the_survivor(
@@ -89,3 +108,40 @@ async def test_killed_worker_entries_are_processed_once_by_the_survivor(
     assert int(stats["worker:w1"]) > 0 and int(stats["worker:w2"]) > 0
     assert pending["pending"] == 0
     assert await redis_client.zcard(mentions_key("r", "ada")) == MESSAGES // 4
+
+
+async def test_all_rooms_follows_rooms_created_later_and_the_audit_agrees(
+    redis_client: Any, redis_target: RedisTarget, tmp_path: Path,
+) -> None:
+    """A worker started with --all-rooms before any room exists processes the
+    messages of two rooms created afterwards, and `audit` then reports, per
+    room, entries == processed and nothing pending."""
+    worker = await _start_all_rooms_worker(redis_target, tmp_path, "scout")
+    try:
+        chat_store = ChatStore(redis_client)
+        for n in range(30):
+            await chat_store.append("early" if n % 2 else "late", "ana",
+                                    f"c{n}", f"#{n}")
+
+        async with asyncio.timeout(WAIT_S):
+            while True:
+                audits = await audit(redis_client)
+                if len(audits) == 2 and all(
+                        a.processed == a.entries and not a.pending for a in audits):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+
+    assert [(a.room, a.entries, a.missed, a.duplicated) for a in audits] == [
+        ("early", 15, 0, 0), ("late", 15, 0, 0)]
+
+
+async def test_the_audit_counts_what_no_worker_processed(redis_client: Any) -> None:
+    """Without any worker, every entry of a room is counted as missed."""
+    await ChatStore(redis_client).append("idle", "ana", "c1", "hello")
+
+    [room] = await audit(redis_client)
+
+    assert (room.room, room.entries, room.processed, room.missed) == ("idle", 1, 0, 1)
