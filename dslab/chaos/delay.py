@@ -2,20 +2,27 @@
 
 Two backends, one journal:
 
-- ``netem`` (root, a kernel with ``sch_netem``): packets *to* the target's
-  port on ``lo`` are delayed, dropped or rate-limited; every client is
-  affected. The kernel is probed first; where netem is missing this refuses
-  with exit 3 and points at the proxy. ``--dry-run`` prints the exact tc
-  commands and works everywhere.
-- ``proxy`` (no privileges): a fault proxy ``proxy-<target>`` is started as
-  a lab service in front of the target's port (or the running one reused),
-  and the delay is set on it: latency and jitter on requests (client ->
-  node), a rate limit both ways.
+- ``netem`` (root, a kernel with ``sch_netem``): on a loopback lab, packets
+  *to* the target's port on ``lo`` are delayed, dropped or rate-limited; on a
+  ``--network netns`` lab, packets the node sends *from* its port leave
+  through its own link (``eth0`` inside its namespace, the inner end of its
+  veth), so nothing outside that namespace is touched. Either way every
+  client of the node, replicas included, is affected. The kernel is probed
+  first; where netem is missing this refuses with exit 3 and points at the
+  proxy. ``--dry-run`` prints the exact tc commands and works everywhere.
+- ``proxy`` (no privileges): the delay is set on the fault proxy
+  ``proxy-<target>`` in front of the node: latency and jitter on requests
+  (client -> node), a rate limit both ways. On a ``--network proxy`` lab
+  that is the lab's own proxy, through which clients, replicas and Sentinels
+  all reach the node, so replication is slowed too (a Cluster node's bus
+  has a proxy of its own, ``proxy-<target>-bus``, which is not slowed). On
+  other labs a proxy is started on demand as a lab service (or the running
+  one reused).
 
-Attention: the proxy only slows clients that connect *through* it, at the
-address this module returns. Clients using the node's own port, and the
-lab's replication and Sentinel traffic, are not affected: the lab does not
-route them through proxies yet.
+Attention: on a lab without ``--network proxy`` the on-demand proxy only
+slows clients that connect *through* it, at the address this module
+returns; clients using the node's own port, replication and Sentinel
+traffic are not affected.
 
 A link carries one delay at a time: a new delay on the same proxy or device
 replaces the earlier one, which is marked healed ("replaced by fN").
@@ -37,6 +44,7 @@ from dslab.chaos.journal import Fault, Journal
 from dslab.chaos.proxy import HEALTHY, Direction, Faults, ProxyControl
 from dslab.errors import DslabError, EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
+from dslab.lab.netns import NODE_DEVICE
 from dslab.lab.state import ProcessRecord
 from dslab.settings import LOOPBACK_HOST
 
@@ -124,7 +132,16 @@ def rate_bytes_per_s(rate: str) -> int:
 
 
 def netem_fault(record: ProcessRecord, spec: DelaySpec) -> netem.NetemFault:
-    """The netem fault that slows requests to ``record``'s port on ``lo``."""
+    """The netem fault that slows ``record``'s traffic: requests to its port on
+    ``lo``, or, for a node in its own namespace, what it sends from its port
+    out of its own link (egress is the only side a qdisc shapes)."""
+    namespace = record.extra.get("namespace")
+    if isinstance(namespace, str):
+        return netem.NetemFault(
+            device=NODE_DEVICE, namespace=namespace, port=record.port,
+            match=netem.Match.SRC, delay_ms=spec.ms, jitter_ms=spec.jitter_ms,
+            loss_pct=spec.loss_pct, rate=spec.rate,
+        )
     return netem.NetemFault(
         device=DEVICE, port=record.port, delay_ms=spec.ms, jitter_ms=spec.jitter_ms,
         loss_pct=spec.loss_pct, rate=spec.rate,
@@ -152,13 +169,15 @@ def delay_netem(lab: Lab, record: ProcessRecord, spec: DelaySpec,
         )
 
     journal = Journal(lab.home)
-    undo = {"action": "netem-undo", "device": DEVICE, "namespace": None}
+    undo = {"action": "netem-undo", "device": fault_spec.device,
+            "namespace": fault_spec.namespace}
     with journal.locked():
         earlier = [f for f in journal.active_faults()
                    if (f.undo or {}).get("action") == "netem-undo"
                    and f.undo == undo]
         params = {"backend": Backend.NETEM.value, "summary": spec.summary,
-                  "port": record.port, "device": DEVICE,
+                  "port": record.port, "device": fault_spec.device,
+                  "namespace": fault_spec.namespace,
                   "commands": netem.format_commands(netem.apply_commands(fault_spec))}
         fault = journal.begin("delay", record.name, None, params=params, undo=undo,
                               remedy="dslab chaos heal", duration_s=duration_s)
@@ -216,6 +235,19 @@ def ensure_proxy(lab: Lab, record: ProcessRecord, *, seed: int = 0) -> ProcessRe
         raise UsageError(f"{record.name} is a fault proxy itself",
                          fix="slow the node it stands in front of instead")
     name = f"{PROXY_KIND}-{record.name}"
+    # A --network proxy lab already routes every path to the node through
+    # its own proxy; a second one would slow only the clients that knew it.
+    lab_proxy = next((proxy for proxy in lab.lab_proxies(record.name)
+                      if proxy.name == name), None)
+    if lab_proxy is not None:
+        if not lab_proxy.is_alive():
+            raise EnvironmentProblem(
+                f"{name}, the lab's proxy in front of {record.name}, is not "
+                "running",
+                fix="bring it back with `dslab lab up` (same options), then "
+                "delay again",
+            )
+        return lab_proxy
     state = lab.require_state()
     for existing in state.processes:
         if existing.name == name and existing.is_alive():

@@ -87,6 +87,8 @@ def undo(fault: Fault) -> str:
         return "netem qdisc removed" if removed else "no dslab qdisc was left"
     if kind == "nft-delete-table":
         return _delete_nft_tables(action)
+    if kind == "proxy-uncut":
+        return _lift_proxy_cuts(action)
     raise UsageError(
         f"fault {fault.id} has an undo dslab does not know: {action!r}",
         fix="it was written by another version of dslab; undo it by hand",
@@ -105,6 +107,32 @@ def _delete_nft_tables(action: dict[str, Any]) -> str:
     if deleted:
         return f"nftables table {table} deleted in {len(deleted)} namespace(s)"
     return "no rules were left (table or namespaces already gone)"
+
+
+def _lift_proxy_cuts(action: dict[str, Any]) -> str:
+    """A proxy partition's undo: lift its named cut on every proxy it set it
+    on. A proxy that is gone (or never had the cut) counts as done."""
+    name = str(action["cut"])
+    proxies = action["proxies"]
+    if not isinstance(proxies, list):
+        raise TypeError(f"proxies is not a list: {proxies!r}")
+    lifted = gone = 0
+    for proxy in proxies:
+        pid, started_at = int(proxy["pid"]), float(proxy["process_started_at"])
+        if not process_matches(pid, started_at):
+            gone += 1
+            continue
+        try:
+            lifted += ProxyControl(str(proxy["control_url"])).remove_cut(name)
+        except ProxyUnreachable:
+            # It may have exited between the check and the call.
+            if process_matches(pid, started_at):
+                raise
+            gone += 1
+    if not lifted:
+        return "no cut was left (lifted already, or its proxies are gone)"
+    gone_words = f"; {gone} proxy(ies) gone, with their cut" if gone else ""
+    return f"cut {name} lifted on {lifted} proxy(ies){gone_words}"
 
 
 def heal(home: Path, fault_id: str | None = None) -> list[HealResult]:

@@ -17,11 +17,18 @@ Guarantees:
   re-timed, blackholes and resets take effect on the next step);
 - which connections a fault hits (``probability``) is decided per connection
   and direction by an RNG seeded in the constructor, in accept order, so the
-  same seed and the same order of connections hit the same connections.
+  same seed and the same order of connections hit the same connections;
+- a *cut* black-holes everything from a set of source addresses, as a dead
+  switch port between two hosts would: new connections from a cut source are
+  accepted and held without connecting upstream, live ones stop relaying in
+  both directions with their bytes held, and all of them carry on when the
+  cut is removed. Cuts are named (a partition's fault id), so two partitions
+  that cut the same source compose, and setting or removing one twice is the
+  same as once. Other sources pass untouched.
 
 A separate process changes faults through a small HTTP control API
-(``GET/PUT/DELETE /faults``, ``GET /stats``); ``ProxyControl`` is its blocking
-client. Run it detached with::
+(``GET/PUT/DELETE /faults``, ``GET /cuts``, ``PUT/DELETE /cuts/{name}``,
+``GET /stats``); ``ProxyControl`` is its blocking client. Run it detached with::
 
     python -m dslab.chaos.proxy --listen 127.0.0.1:0 \\
         --upstream 127.0.0.1:6379 --control 127.0.0.1:0
@@ -47,7 +54,7 @@ import struct
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from types import TracebackType
@@ -79,6 +86,11 @@ CLOSE_TIMEOUT_S = 1.0
 CONTROL_TIMEOUT_S = 5.0
 # The key in a PUT body that sets both directions at once.
 BOTH = "both"
+# Cut names travel in URL paths (/cuts/f3): short, and nothing to escape.
+CUT_NAME_MAX_CHARS = 64
+_CUT_NAME_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+)
 
 
 class ProxyUnreachable(EnvironmentProblem):
@@ -243,6 +255,36 @@ def parse_address(text: str, *, what: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def check_cut_name(name: str) -> str:
+    """A cut's name as the control API takes it; refused when it is not."""
+    if not name or len(name) > CUT_NAME_MAX_CHARS or set(name) - _CUT_NAME_CHARS:
+        raise UsageError(
+            f"cut name {name!r} must be 1-{CUT_NAME_MAX_CHARS} letters, digits, "
+            "'_', '.' or '-'",
+            fix="name a cut after its fault, for example f3",
+        )
+    return name
+
+
+def check_sources(sources: object) -> frozenset[str]:
+    """Source addresses of a cut, normalised (``127.0.0.011`` is refused)."""
+    if isinstance(sources, str) or not isinstance(sources, Iterable):
+        raise UsageError(
+            f"cut sources must be a list of IP addresses, not {sources!r}",
+            fix='send for example {"sources": ["127.0.0.11"]}',
+        )
+    checked = set()
+    for source in sources:
+        try:
+            checked.add(str(ipaddress.ip_address(str(source))))
+        except ValueError:
+            raise UsageError(
+                f"cut source {source!r} is not an IP address",
+                fix="give the address a node connects from, e.g. 127.0.0.11",
+            ) from None
+    return frozenset(checked)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -323,6 +365,7 @@ class _Link:
 
     number: int
     client: asyncio.StreamWriter
+    source: str  # the client's IP address, what cuts match
     # One draw per direction: the faults hit this link when draw < probability.
     draws: dict[Direction, float]
     rng: random.Random
@@ -363,6 +406,8 @@ class FaultProxy:
         self.seed = seed
         self.stats = ProxyStats()
         self._faults: dict[Direction, Faults] = dict.fromkeys(Direction, HEALTHY)
+        self._cuts: dict[str, frozenset[str]] = {}
+        self._cut_sources: frozenset[str] = frozenset()
         self._rng = random.Random(seed)
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
@@ -440,6 +485,34 @@ class FaultProxy:
         log.info("fault cleared: proxy both directions")
         self._announce_change()
 
+    def cuts(self) -> dict[str, frozenset[str]]:
+        """Every cut by name: the source addresses it black-holes."""
+        return dict(self._cuts)
+
+    def set_cut(self, name: str, sources: Iterable[str]) -> None:
+        """Black-hole every connection from ``sources`` under ``name``;
+        setting the same cut again changes nothing."""
+        checked = check_sources(sources)
+        self._cuts[check_cut_name(name)] = checked
+        log.info("fault set: proxy cut %s from %s", name,
+                 ",".join(sorted(checked)) or "no source")
+        self._cuts_changed()
+
+    def remove_cut(self, name: str) -> bool:
+        """Lift the cut ``name``; False when there was none (already lifted)."""
+        if self._cuts.pop(check_cut_name(name), None) is None:
+            return False
+        log.info("fault cleared: proxy cut %s", name)
+        self._cuts_changed()
+        return True
+
+    def _cuts_changed(self) -> None:
+        self._cut_sources = frozenset().union(*self._cuts.values())
+        self._announce_change()
+
+    def _is_cut(self, link: _Link) -> bool:
+        return link.source in self._cut_sources
+
     def _announce_change(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -471,9 +544,11 @@ class FaultProxy:
     ) -> None:
         self.stats.connections_total += 1
         draws = {chosen: self._rng.random() for chosen in Direction}
+        peer = writer.get_extra_info("peername")
         link = _Link(
             number=self.stats.connections_total,
             client=writer,
+            source=str(peer[0]) if peer else "",
             draws=draws,
             rng=random.Random(self._rng.getrandbits(64)),
             task=asyncio.current_task(),
@@ -498,6 +573,10 @@ class FaultProxy:
         if self._reset_wanted(link):
             self._reset(link)
             return
+        # A cut source's connection waits here, accepted but never passed on,
+        # as a SYN across a dead switch would wait for it to come back.
+        while self._is_cut(link):
+            await self._changed.wait()
         try:
             async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT_S):
                 node_reader, node = await asyncio.open_connection(*self.upstream)
@@ -600,7 +679,8 @@ class FaultProxy:
             view = view[size:]
 
     async def _hold_while_blackholed(self, link: _Link, direction: Direction) -> None:
-        while self._faults_for(link, direction).blackhole:
+        """Hold while this direction is black-holed or the link's source cut."""
+        while self._faults_for(link, direction).blackhole or self._is_cut(link):
             await self._changed.wait()
 
     async def _wait_until_due(
@@ -627,6 +707,11 @@ class FaultProxy:
 
 def _faults_body(proxy: FaultProxy) -> dict[str, Any]:
     return {chosen.value: faults.to_dict() for chosen, faults in proxy.faults().items()}
+
+
+def _cuts_body(proxy: FaultProxy) -> dict[str, Any]:
+    return {"cuts": {name: sorted(sources)
+                     for name, sources in sorted(proxy.cuts().items())}}
 
 
 def _error_response(error: DslabError) -> web.Response:
@@ -670,11 +755,40 @@ def control_app(proxy: FaultProxy) -> web.Application:
     async def get_stats(request: web.Request) -> web.Response:
         return web.json_response(proxy.stats.to_dict())
 
+    async def get_cuts(request: web.Request) -> web.Response:
+        return web.json_response(_cuts_body(proxy))
+
+    async def put_cut(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(UsageError("the body is not JSON"))
+        try:
+            if not isinstance(body, dict) or set(body) != {"sources"}:
+                raise UsageError(
+                    "the body must hold exactly the cut's sources",
+                    fix='send for example {"sources": ["127.0.0.11"]}',
+                )
+            proxy.set_cut(request.match_info["name"], body["sources"])
+        except DslabError as error:
+            return _error_response(error)
+        return web.json_response(_cuts_body(proxy))
+
+    async def delete_cut(request: web.Request) -> web.Response:
+        try:
+            removed = proxy.remove_cut(request.match_info["name"])
+        except DslabError as error:
+            return _error_response(error)
+        return web.json_response({"removed": removed, **_cuts_body(proxy)})
+
     app = web.Application()
     app.router.add_get("/faults", get_faults)
     app.router.add_put("/faults", put_faults)
     app.router.add_delete("/faults", delete_faults)
     app.router.add_get("/stats", get_stats)
+    app.router.add_get("/cuts", get_cuts)
+    app.router.add_put("/cuts/{name}", put_cut)
+    app.router.add_delete("/cuts/{name}", delete_cut)
     return app
 
 
@@ -739,6 +853,28 @@ class ProxyControl:
 
     def clear(self) -> dict[Direction, Faults]:
         return _parse_faults(self._call("DELETE", "/faults"))
+
+    def cuts(self) -> dict[str, frozenset[str]]:
+        return self._parse_cuts(self._call("GET", "/cuts"))
+
+    def set_cut(self, name: str, sources: Iterable[str]) -> dict[str, frozenset[str]]:
+        """Cut ``sources`` under ``name``; idempotent."""
+        body = {"sources": sorted(check_sources(sources))}
+        answer = self._call("PUT", f"/cuts/{check_cut_name(name)}", body)
+        return self._parse_cuts(answer)
+
+    def remove_cut(self, name: str) -> bool:
+        """Lift the cut ``name``; False when the proxy had none by that name."""
+        answer = self._call("DELETE", f"/cuts/{check_cut_name(name)}")
+        if not isinstance(answer, dict):
+            raise self._garbled(answer)
+        return bool(answer.get("removed"))
+
+    def _parse_cuts(self, answer: object) -> dict[str, frozenset[str]]:
+        cuts = answer.get("cuts") if isinstance(answer, dict) else None
+        if not isinstance(cuts, dict):
+            raise self._garbled(answer)
+        return {str(name): check_sources(sources) for name, sources in cuts.items()}
 
     def stats(self) -> ProxyStats:
         answer = self._call("GET", "/stats")

@@ -29,6 +29,7 @@ from dslab.cli.options import JsonOption
 from dslab.cli.output import console, note, print_json
 from dslab.errors import CheckFailed, EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
+from dslab.lab.netns import Network
 from dslab.lab.state import ProcessRecord
 from dslab.report.html import write_html
 from dslab.report.tables import NamedRun, render_report
@@ -211,7 +212,8 @@ def delay(
         delays.Backend,
         typer.Option("--backend", help="netem: the kernel slows every client "
                      "(root, sch_netem). proxy: a fault proxy slows the clients "
-                     "that connect through it (no privileges)."),
+                     "that connect through it (no privileges); on a `--network "
+                     "proxy` lab that is everyone, replication included."),
     ] = delays.Backend.NETEM,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the tc commands; change nothing.")
@@ -224,7 +226,8 @@ def delay(
 
     With --backend netem (the default) the kernel is probed first; where it
     has no netem this exits 3 and suggests --backend proxy. The proxy backend
-    affects only clients that connect to the proxy address it prints.
+    affects only clients that connect to the proxy address it prints; on a
+    lab started with `--network proxy` every path to the node does.
     """
     spec = delays.DelaySpec(ms=ms, jitter_ms=jitter,
                             loss_pct=delays.parse_loss(loss) if loss else 0.0,
@@ -250,6 +253,7 @@ def delay(
             outcomes.append(delays.delay_proxy(lab, record, spec,
                                                duration_s=duration_s,
                                                seed=used_seed))
+    every_path = lab.network_mode() is Network.PROXY
     if as_json:
         print_json({"seed": used_seed,
                     "faults": [_fault_json(o.fault, proxy_address=o.proxy_address,
@@ -257,10 +261,11 @@ def delay(
                                for o in outcomes]})
         return
     for outcome in outcomes:
-        _render_delay(outcome)
+        _render_delay(outcome, every_path=every_path)
 
 
-def _render_delay(outcome: delays.DelayOutcome) -> None:
+def _render_delay(outcome: delays.DelayOutcome, *, every_path: bool = False
+                  ) -> None:
     fault = outcome.fault
     timer = (f" It heals itself at {_clock(fault.until)}."
              if fault.until is not None else "")
@@ -268,11 +273,15 @@ def _render_delay(outcome: delays.DelayOutcome) -> None:
                 if outcome.replaced else "")
     console.print(f"Delay {fault.params['summary']} on {fault.target} as fault "
                   f"{fault.id}{replaced}. Undo: dslab chaos heal {fault.id}.{timer}")
-    if outcome.proxy_address is not None:
+    if outcome.proxy_address is not None and every_path:
+        console.print(f"Slowed at the lab's proxy {outcome.proxy_address}: "
+                      "clients, replication and Sentinels all pass it.")
+    elif outcome.proxy_address is not None:
         console.print(f"Proxy address: {outcome.proxy_address}  (clients use "
                       f"--redis redis://{outcome.proxy_address})")
         console.print("Only clients that connect through the proxy are slowed; "
-                      "direct clients, replication and Sentinels are not.")
+                      "direct clients, replication and Sentinels are not "
+                      "(a lab started with `--network proxy` slows them all).")
 
 
 @app.command()
@@ -294,24 +303,27 @@ def partition(
     one_way: Annotated[
         bool,
         typer.Option("--one-way", help="Drop only what the first side sends to "
-                     "the second; the second side's packets still arrive."),
+                     "the second; the second side's packets still arrive. On a "
+                     "proxy lab: only connections the first side opens are cut."),
     ] = False,
     duration: ForOption = None,
     seed: SeedOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Cut the links between two groups of nodes with real nftables rules.
+    """Cut the links between two groups of nodes.
 
-    Needs a lab started with `dslab lab up --network netns` (root): each node
-    then has its own network namespace and address. Packets between the sides
-    are dropped silently, as by a dead switch. Examples: `partition redis-1
-    redis-2`, `partition redis-1,sentinel-1 redis-2,redis-3,sentinel-2,
-    sentinel-3`, `partition --isolate primary`, `partition host redis-1
-    --one-way` (clients cannot reach redis-1).
+    Needs a lab whose nodes have addresses of their own: `dslab lab up
+    --network proxy` (no root; the lab's fault proxies black-hole the other
+    side's connections) or `--network netns` (root; real nftables rules).
+    Traffic between the sides stops silently, as at a dead switch.
+    Examples: `partition redis-1 redis-2`, `partition redis-1,sentinel-1
+    redis-2,redis-3,sentinel-2,sentinel-3`, `partition --isolate primary`
+    (from every node and the host), `partition host redis-1 --one-way`
+    (clients cannot reach redis-1).
     """
     duration_s = _for_seconds(duration)
     lab = _lab(ctx)
-    network = partitions.require_netns(lab)
+    network = partitions.lab_network(lab)
     if isolate is not None and (side_a is not None or side_b is not None):
         raise UsageError("give either --isolate NODE or two sides, not both",
                          fix="dslab chaos partition --isolate redis-1")
@@ -329,14 +341,18 @@ def partition(
     if as_json:
         print_json({"seed": chosen_seed,
                     "faults": [_fault_json(fault, cuts=[list(cut) for cut in
-                                                        outcome.cuts])]})
+                                                        outcome.cuts],
+                                           proxies=[cut.to_json() for cut in
+                                                    outcome.proxy_cuts])]})
         return
     arrow = "->" if one_way else "<->"
     timer = (f" It heals itself at {_clock(fault.until)}."
              if fault.until is not None else "")
+    how = (f"cut on {len(outcome.proxy_cuts)} lab proxy(ies)" if outcome.proxy_cuts
+           else f"nftables table {_table_words(outcome)} in "
+           f"{len(outcome.rules)} namespace(s)")
     console.print(f"Partitioned {','.join(first)} {arrow} {','.join(second)} "
-                  f"as fault {fault.id}: nftables table {_table_words(outcome)} in "
-                  f"{len(outcome.rules)} namespace(s). Undo: dslab chaos heal "
+                  f"as fault {fault.id}: {how}. Undo: dslab chaos heal "
                   f"{fault.id}.{timer}")
 
 

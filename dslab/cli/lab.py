@@ -15,7 +15,7 @@ from dslab.cli.options import JsonOption
 from dslab.cli.output import console, note, print_json
 from dslab.errors import UsageError
 from dslab.lab import bench as lab_bench
-from dslab.lab.lab import Lab, LabStatus
+from dslab.lab.lab import Lab, LabStatus, network_mode
 from dslab.lab.netns import Network
 from dslab.lab.supervisor import log_tail
 from dslab.settings import Persistence, Topology
@@ -68,6 +68,10 @@ def up(
     network: Annotated[
         Network,
         typer.Option("--network", help="loopback: every node on 127.0.0.1. "
+                     "proxy (no root): every node on its own 127.0.0.x address "
+                     "behind a lab fault proxy that every path goes through, so "
+                     "`dslab chaos partition` and `delay --backend proxy` reach "
+                     "replication, Sentinel and the Cluster bus too. "
                      "netns (root, Linux): every node in its own network "
                      "namespace on a private bridge, so `dslab chaos partition` "
                      "can cut real links."),
@@ -251,6 +255,7 @@ def _follow(path: Path) -> None:
 def _status_json(current: LabStatus) -> dict[str, Any]:
     return {
         "topology": current.state.topology,
+        "network": network_mode(current.state).value,
         "persistence": current.state.persistence,
         "primary": current.primary,
         "healthy": current.healthy,
@@ -265,6 +270,7 @@ def _render_status(current: LabStatus, lab: Lab) -> None:
     server = state.redis_server
     table = Table(
         title=f"{state.topology} lab, persistence {state.persistence}, "
+        f"network {network_mode(state).value}, "
         f"redis-server {server.get('version')} ({server.get('source')})",
         title_justify="left",
     )

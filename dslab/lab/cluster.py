@@ -8,7 +8,9 @@ redis-cli):
    claim the same slots with the same epoch;
 2. assign each primary its range of hash slots;
 3. introduce every node to the first one (CLUSTER MEET); gossip spreads the
-   rest until every node knows every other;
+   rest until every node knows every other. Behind lab proxies (``--network
+   proxy``) the MEET names each node's proxy, whose port + 10000 is its bus
+   proxy, so the bus runs through proxies from the very first packet;
 4. make each replica follow its primary (CLUSTER REPLICATE);
 5. wait until every node reports ``cluster_state:ok``, sees every replica in
    place and each replica's link to its primary is up.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 
 import redis
@@ -39,7 +41,10 @@ COMMAND_TIMEOUT_S = 2.0
 def create_cluster(
     plans: list[NodePlan], records: dict[str, ProcessRecord],
     *, timeout_s: float = JOIN_TIMEOUT_S,
+    meet_at: Mapping[str, tuple[str, int]] | None = None,
 ) -> None:
+    """Join the nodes of ``plans``; ``meet_at`` (node name -> host, port) is
+    where the others reach a node, when not at its own address."""
     primaries = [plan for plan in plans if plan.role == "primary"]
     replicas = [plan for plan in plans if plan.role == "replica"]
     deadline = time.monotonic() + timeout_s
@@ -55,7 +60,8 @@ def create_cluster(
     with _client(seed) as client:
         for plan in plans[1:]:
             other = records[plan.name]
-            client.execute_command("CLUSTER", "MEET", other.host, other.port)
+            host, port = (meet_at or {}).get(plan.name, (other.host, other.port))
+            client.execute_command("CLUSTER", "MEET", host, port)
     _wait(lambda: _all_know_each_other(plans, records), deadline,
           "nodes to learn about each other (CLUSTER MEET)", records)
 

@@ -20,7 +20,16 @@ Guarantees:
   network namespace on a private bridge (see ``dslab.lab.netns``), and
   ``down`` removes namespaces, veths and bridge after stopping the processes,
   also leftovers found by the lab's name tag. The default loopback lab never
-  touches the network.
+  touches the network;
+- with ``network=Network.PROXY`` (no privileges) every node binds its own
+  127.0.0.x address and a lab fault proxy (``proxy-redis-1``; for Cluster
+  also ``proxy-redis-1-bus``) on 127.0.0.1 stands in front of it. Nodes
+  announce their proxies and reach each other only through them, and
+  ``redis_target`` names the proxies, so clients, services, replication,
+  Sentinel and the Cluster bus all pass a proxy that can cut or slow them
+  (see ``dslab.lab.topology``). Proxies start before the nodes and stop
+  after them. The lab's own probes (``status``, readiness) go to the nodes'
+  own addresses, so they see the nodes even while a proxy cuts them off.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import functools
 import logging
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +83,9 @@ from dslab.settings import (
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 30.0
+# The fault proxy entry point; run as a process, so the lab imports nothing
+# of the chaos layer.
+PROXY_MODULE = "dslab.chaos.proxy"
 
 
 @dataclass
@@ -174,26 +188,39 @@ class Lab:
     def network(self) -> LabNetwork | None:
         """The lab's private LAN when it runs with ``--network netns``."""
         state = self.require_state()
-        return None if state.network is None else LabNetwork.from_json(state.network)
+        if network_mode(state) is not Network.NETNS:
+            return None
+        assert state.network is not None
+        return LabNetwork.from_json(state.network)
+
+    def network_mode(self) -> Network:
+        return network_mode(self.require_state())
+
+    def lab_proxies(self, name: str) -> list[ProcessRecord]:
+        """The lab fault proxies in front of node ``name`` (``--network
+        proxy``): its client proxy, then its bus proxy if it has one."""
+        return [record for record in self.require_state().processes
+                if is_lab_proxy(record) and record.extra.get("in_front_of") == name]
 
     def redis_target(self) -> RedisTarget:
-        """The URL a client uses to reach this lab, as ``--redis`` would take it."""
+        """The URL a client uses to reach this lab, as ``--redis`` would take it.
+
+        With ``--network proxy`` it names the nodes' proxies, never the nodes.
+        """
         state = self.require_state()
+        reached = _reached_at(state)
+
+        def addresses(records: list[ProcessRecord]) -> tuple[tuple[str, int], ...]:
+            return tuple(reached.get(node.name, (node.host, node.port))
+                         for node in records)
+
         redis_nodes = state.of_kind("redis")
         if state.topology == Topology.REPLICATED:
-            sentinels = state.of_kind("sentinel")
-            return RedisTarget(
-                RedisKind.SENTINEL,
-                tuple((node.host, node.port) for node in sentinels),
-                service=SENTINEL_SERVICE,
-            )
+            return RedisTarget(RedisKind.SENTINEL, addresses(state.of_kind("sentinel")),
+                               service=SENTINEL_SERVICE)
         if state.topology == Topology.CLUSTER:
-            return RedisTarget(
-                RedisKind.CLUSTER,
-                tuple((node.host, node.port) for node in redis_nodes),
-            )
-        first = redis_nodes[0]
-        return RedisTarget(RedisKind.STANDALONE, ((first.host, first.port),))
+            return RedisTarget(RedisKind.CLUSTER, addresses(redis_nodes))
+        return RedisTarget(RedisKind.STANDALONE, addresses(redis_nodes[:1]))
 
     def primary(self) -> str:
         """The name of the node that is primary right now (asked live)."""
@@ -235,7 +262,21 @@ class Lab:
             began = time.monotonic()
             binary = find_redis_server(self.settings.redis_server)
             lab_network = None
-            if network is Network.NETNS:
+            proxies: list[topology.ProxyPlan] = []
+            network_json: dict[str, object] | None = None
+            if network is Network.PROXY:
+                base_port = self._free_ports(topology_name, base_port)
+                names = [plan.name for plan in
+                         topology.plan(topology_name, persistence, base_port)]
+                node_addresses = topology.proxy_addresses(names)
+                plans = topology.plan(topology_name, persistence, base_port,
+                                      extra_config, node_addresses, proxied=True)
+                proxies = topology.proxy_plans(plans, node_addresses)
+                for proxy in proxies:
+                    require_free([proxy.upstream[1]], host=proxy.upstream[0])
+                network_json = {"mode": Network.PROXY.value,
+                                "addresses": node_addresses}
+            elif network is Network.NETNS:
                 # Each node has an address of its own, so ports cannot clash
                 # and the host's loopback ports do not matter.
                 base_port = base_port or self.settings.port_start
@@ -244,6 +285,7 @@ class Lab:
                 lab_network = netns.plan_network(self.home, names)
                 plans = topology.plan(topology_name, persistence, base_port,
                                       extra_config, lab_network.addresses())
+                network_json = lab_network.to_json()
             else:
                 base_port = self._free_ports(topology_name, base_port)
                 plans = topology.plan(topology_name, persistence, base_port,
@@ -253,15 +295,20 @@ class Lab:
                 persistence=persistence.value,
                 redis_server=binary.as_dict(),
                 created_at=time.time(),
-                network=None if lab_network is None else lab_network.to_json(),
+                network=network_json,
             )
             with self._cleanup_on_failure(state):
                 if lab_network is not None:
                     self._build_network(lab_network, state)
+                # Proxies first: a node's first connection to another already
+                # goes through the other's proxy.
+                self._start_proxies(proxies, state, timeout_s)
                 self._start_nodes(plans, state, binary, timeout_s, lab_network)
                 if topology_name is Topology.CLUSTER:
-                    by_name = {record.name: record for record in state.processes}
-                    cluster.create_cluster(plans, by_name, timeout_s=timeout_s)
+                    by_name = {record.name: record
+                               for record in state.of_kind("redis")}
+                    cluster.create_cluster(plans, by_name, timeout_s=timeout_s,
+                                           meet_at=_reached_at(state))
                 if topology_name is Topology.REPLICATED:
                     self._wait_sentinels(state, timeout_s)
 
@@ -284,10 +331,14 @@ class Lab:
 
             records = state.processes if state else []
             # Services first, while Redis still answers their goodbyes (a chat
-            # server removes its users' presence); then the nodes.
-            services = [r for r in records if r.kind not in probe.REDIS_KINDS]
+            # server removes its users' presence) through the lab proxies;
+            # then the nodes; the lab proxies last.
+            lab_proxies = [r for r in records if is_lab_proxy(r)]
+            services = [r for r in records
+                        if r.kind not in probe.REDIS_KINDS and not is_lab_proxy(r)]
             nodes = [r for r in records if r.kind in probe.REDIS_KINDS]
-            stopped = stop_processes(services) + stop_processes(nodes)
+            stopped = (stop_processes(services) + stop_processes(nodes)
+                       + stop_processes(lab_proxies))
             already_dead = [r.name for r in records if r.name not in stopped]
 
             strays = processes_using(self.home)
@@ -410,7 +461,8 @@ class Lab:
     def _remove_network(self, state: LabState | None) -> list[str]:
         """Tear down the lab's namespaces and links, if it ever had any."""
         tag = netns.lab_tag(self.home)
-        if (state is None or state.network is None) and not netns.leftovers(tag):
+        if ((state is None or network_mode(state) is not Network.NETNS)
+                and not netns.leftovers(tag)):
             return []
         return netns.teardown(tag)
 
@@ -425,8 +477,7 @@ class Lab:
             log.info("stale lab state found, every process is dead: cleaning up")
             self._forget(state)
             return None
-        running_network = (Network.LOOPBACK if state.network is None
-                           else Network.NETNS)
+        running_network = network_mode(state)
         if (state.topology != topology_name or state.persistence != persistence
                 or running_network is not network):
             raise LabAlreadyRunning(
@@ -461,10 +512,42 @@ class Lab:
                 revived.append(record.name)
         return UpResult(state, None, revived)
 
+    def _start_proxies(
+        self, proxies: list[topology.ProxyPlan], state: LabState, timeout_s: float,
+    ) -> None:
+        """Start the lab's fault proxies (``--network proxy``), each recorded
+        as soon as it is spawned, and wait until every one answers."""
+        started = []
+        for plan, control_port in zip(proxies, _os_free_ports(len(proxies)),
+                                      strict=True):
+            folder = self.home / plan.name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            control_url = f"http://{LOOPBACK_HOST}:{control_port}"
+            upstream = f"{plan.upstream[0]}:{plan.upstream[1]}"
+            argv = [sys.executable, "-m", PROXY_MODULE,
+                    "--listen", f"{LOOPBACK_HOST}:{plan.port}",
+                    "--upstream", upstream,
+                    "--control", f"{LOOPBACK_HOST}:{control_port}"]
+            record = self._spawn(plan.name, topology.PROXY_KIND, topology.PROXY_KIND,
+                                 argv, folder, folder / "proxy.log", plan.port)
+            record.extra = {"health_url": f"{control_url}/faults",
+                            "control_url": control_url, "in_front_of": plan.node,
+                            "upstream": upstream, "path": plan.path,
+                            "lab_managed": True}
+            state.processes.append(record)
+            write_state(self.settings.state_file, state)
+            started.append(record)
+
+        for record in started:
+            wait_until(record, functools.partial(probe.ready_check, record),
+                       timeout_s=timeout_s, what="starting up")
+
     def _start_nodes(
         self, plans: list[topology.NodePlan], state: LabState, binary: RedisBinary,
         timeout_s: float, lab_network: LabNetwork | None = None,
     ) -> None:
+        started = []
         for plan in plans:
             node_dir = self.home / plan.name
             shutil.rmtree(node_dir, ignore_errors=True)
@@ -477,18 +560,20 @@ class Lab:
             if plan.kind == "sentinel":
                 argv.append("--sentinel")
             link = None if lab_network is None else lab_network.node(plan.name)
+            host = _own_address(state, plan.name)
             if link is not None:
                 argv = netns.exec_prefix(link.namespace) + argv
+                host = link.address
             record = self._spawn(plan.name, plan.kind, plan.role, argv, node_dir,
-                                 node_dir / f"{plan.kind}.log", plan.port,
-                                 host=LOOPBACK_HOST if link is None else link.address)
+                                 node_dir / f"{plan.kind}.log", plan.port, host=host)
             if link is not None:
                 record.extra["namespace"] = link.namespace
             state.processes.append(record)
             # Written after every spawn: a dslab killed now leaves a cleanable lab.
             write_state(self.settings.state_file, state)
+            started.append(record)
 
-        for plan, record in zip(plans, state.processes, strict=True):
+        for plan, record in zip(plans, started, strict=True):
             ready = _readiness(plan, record)
             wait_until(record, ready, timeout_s=timeout_s, what="starting up")
             log.info("node ready: %s pid=%d port=%d", record.name, record.pid,
@@ -555,6 +640,9 @@ class Lab:
         if state.topology == Topology.CLUSTER:
             return None
         by_address = {record.address: record.name for record in state.of_kind("redis")}
+        # Behind proxies, Sentinels know a node by its proxy's address.
+        by_address.update({f"{host}:{port}": name
+                           for name, (host, port) in _reached_at(state).items()})
         # Sentinels decide who is primary; ask them, take the majority view.
         votes: dict[str, int] = {}
         for record in state.of_kind("sentinel"):
@@ -575,6 +663,50 @@ class Lab:
             if node.role == "primary":
                 return node.name
         return None
+
+
+def network_mode(state: LabState) -> Network:
+    """How the lab in ``state`` is wired; labs without the field are loopback
+    and a network without a mode is a netns LAN (written before there were
+    others)."""
+    if state.network is None:
+        return Network.LOOPBACK
+    return Network(str(state.network.get("mode", Network.NETNS.value)))
+
+
+def is_lab_proxy(record: ProcessRecord) -> bool:
+    """A fault proxy the lab itself put in front of a node (``--network
+    proxy``), as opposed to one started on demand by ``chaos delay``."""
+    return record.kind == topology.PROXY_KIND and bool(record.extra.get("lab_managed"))
+
+
+def _reached_at(state: LabState) -> dict[str, tuple[str, int]]:
+    """Node name -> the client proxy others reach it at (``--network proxy``);
+    empty for other labs."""
+    return {str(record.extra["in_front_of"]): (record.host, record.port)
+            for record in state.processes
+            if is_lab_proxy(record)
+            and record.extra.get("path") == topology.CLIENT_PATH}
+
+
+def _own_address(state: LabState, name: str) -> str:
+    """The address node ``name`` binds in a ``--network proxy`` lab, else
+    127.0.0.1 (a netns node's address comes from its link)."""
+    if network_mode(state) is not Network.PROXY or state.network is None:
+        return LOOPBACK_HOST
+    return str(state.network.get("addresses", {}).get(name, LOOPBACK_HOST))
+
+
+def _os_free_ports(count: int) -> list[int]:
+    """Ports the OS says are free now, held together so they differ."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((LOOPBACK_HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _readiness(plan: topology.NodePlan, record: ProcessRecord) -> Callable[[], bool]:

@@ -87,6 +87,9 @@ class Network(StrEnum):
 
     LOOPBACK = "loopback"  # every node on 127.0.0.1, one shared network stack
     NETNS = "netns"  # every node in its own namespace, on a private bridge
+    # Every node on its own 127.0.0.x address behind a lab fault proxy, so
+    # every path between lab parts can be cut or slowed without root.
+    PROXY = "proxy"
 
 
 class NetworkUnavailable(EnvironmentProblem):

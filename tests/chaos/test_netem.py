@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from dslab.chaos import delay as delays
 from dslab.chaos import netem
+from dslab.chaos.heal import heal
 from dslab.chaos.netem import Match, NetemFault
 from dslab.errors import EXIT_ENVIRONMENT, EnvironmentProblem, UsageError
+from dslab.lab import netns
+from dslab.lab.state import ProcessRecord
+from tests.helpers import run_dslab
+from tests.lab.test_netns import NetnsLab, needs_netns, netns_lab
+
+__all__ = ["netns_lab"]  # the fixture, shared with the lab's netns tests
 
 IS_ROOT = os.geteuid() == 0
 KERNEL_CONFIG = Path("/proc/config.gz")
@@ -225,3 +233,79 @@ def test_apply_and_undo_for_real_in_a_namespace(namespace: str) -> None:
     assert reapplied.count("netem d50:") == 1
     assert (removed, removed_again) == (True, False)
     assert "d5:" not in _qdiscs(namespace)
+
+
+# -- a node in its own namespace (`lab up --network netns`) ---------------------
+
+
+def _record(**extra: object) -> ProcessRecord:
+    return ProcessRecord(name="redis-1", kind="redis", role="primary", pid=1,
+                         started_at=0.0, host="10.213.0.11", port=7000, dir="/x",
+                         log="/x/log", argv=[], extra=dict(extra))
+
+
+def test_a_node_in_a_namespace_is_slowed_on_its_own_link() -> None:
+    """For a netns node the fault sits on eth0 inside its namespace and
+    matches what it sends from its port; a loopback node keeps lo + dport."""
+    spec = delays.DelaySpec(ms=100, jitter_ms=10)
+
+    in_namespace = delays.netem_fault(_record(namespace="dslab-ab12cd-redis-1"),
+                                      spec)
+    on_loopback = delays.netem_fault(_record(), spec)
+
+    assert (in_namespace.device, in_namespace.namespace) == (
+        netns.NODE_DEVICE, "dslab-ab12cd-redis-1")
+    assert in_namespace.match is Match.SRC and in_namespace.port == 7000
+    assert (on_loopback.device, on_loopback.namespace) == ("lo", None)
+    assert on_loopback.match is Match.DST
+
+
+@needs_netns
+def test_dry_run_on_a_netns_lab_prints_commands_inside_the_namespace(
+    netns_lab: NetnsLab, lab_env: dict[str, str]
+) -> None:
+    """`chaos delay --dry-run` on a netns lab prints tc commands run with
+    `ip netns exec <node's namespace>` on its eth0, and undo likewise."""
+    lab = netns_lab()
+    record = lab.node("redis-1")
+    namespace = str(record.extra["namespace"])
+
+    done = run_dslab("chaos", "delay", "redis-1", "--ms", "100", "--jitter", "10",
+                     "--dry-run", env=lab_env, check=True)
+
+    prefix = f"ip netns exec {namespace} tc"
+    assert f"{prefix} qdisc add dev eth0 root handle d5: prio bands 4" in done.stdout
+    assert f"{prefix} qdisc add dev eth0 parent d5:4 handle d50: netem delay " \
+        "100ms 10ms" in done.stdout
+    assert f"match ip sport {record.port} 0xffff" in done.stdout
+    assert f"{prefix} qdisc del dev eth0 root handle d5:" in done.stdout
+    assert " dev lo " not in done.stdout
+
+
+@needs_netns
+def test_delay_netem_on_a_netns_lab_for_real(netns_lab: NetnsLab) -> None:
+    """Where netem exists: the delay lands on the node's eth0 in its
+    namespace (not on the host's lo), and heal removes it."""
+    available, reason = netem.netem_available()
+    if not available:
+        pytest.skip(f"netem is not available here: {reason}")
+    lab = netns_lab()
+    record = lab.node("redis-1")
+    namespace = str(record.extra["namespace"])
+
+    outcome = delays.delay_netem(lab, record, delays.DelaySpec(ms=40))
+    applied = _device_qdiscs(namespace, netns.NODE_DEVICE)
+    healed = heal(lab.home)
+
+    assert outcome.fault.undo == {"action": "netem-undo", "device": "eth0",
+                                  "namespace": namespace}
+    assert "netem d50:" in applied and "delay 40ms" in applied
+    assert [result.ok for result in healed] == [True]
+    assert "d5:" not in _device_qdiscs(namespace, netns.NODE_DEVICE)
+
+
+def _device_qdiscs(namespace: str, device: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", namespace, "tc", "qdisc", "show", "dev", device],
+        capture_output=True, text=True, check=True,
+    ).stdout

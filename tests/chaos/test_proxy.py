@@ -487,3 +487,111 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+# -- per-source cuts -------------------------------------------------------
+
+# Two client addresses inside 127.0.0.0/8 that no lab plan uses.
+CUT_SOURCE = "127.0.0.21"
+SPARED_SOURCE = "127.0.0.22"
+
+
+async def _connect_from(
+    proxy: FaultProxy, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the proxy whose source address is ``source``."""
+    return await asyncio.open_connection(*proxy.address, local_addr=(source, 0))
+
+
+async def _is_silent(reader: asyncio.StreamReader, size: int) -> bool:
+    try:
+        async with asyncio.timeout(SILENCE_S):
+            await reader.readexactly(size)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_cut_holds_one_source_and_spares_another(
+    echo_proxy: FaultProxy,
+) -> None:
+    """A cut on 127.0.0.21 holds its live and its new connections (bytes kept,
+    nothing lost) while 127.0.0.22 still echoes; lifting the cut delivers
+    every held byte in order."""
+    live_reader, live_writer = await _connect_from(echo_proxy, CUT_SOURCE)
+    await _round_trip(live_reader, live_writer, b"before")
+
+    echo_proxy.set_cut("f1", [CUT_SOURCE])
+    live_writer.write(b"held-live")
+    new_reader, new_writer = await _connect_from(echo_proxy, CUT_SOURCE)
+    new_writer.write(b"held-new")
+    spared_reader, spared_writer = await _connect_from(echo_proxy, SPARED_SOURCE)
+
+    assert await _round_trip(spared_reader, spared_writer, b"spared") == b"spared"
+    assert await _is_silent(live_reader, len(b"held-live"))
+    assert await _is_silent(new_reader, len(b"held-new"))
+    assert echo_proxy.remove_cut("f1") is True
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        assert await live_reader.readexactly(9) == b"held-live"
+        assert await new_reader.readexactly(8) == b"held-new"
+    for writer in (live_writer, new_writer, spared_writer):
+        await _close(writer)
+
+
+async def test_cuts_compose_by_name_and_repeat_harmlessly(
+    echo_proxy: FaultProxy,
+) -> None:
+    """Two cuts of one source hold it until both are lifted; setting a cut
+    twice or lifting it twice changes nothing."""
+    reader, writer = await _connect_from(echo_proxy, CUT_SOURCE)
+    echo_proxy.set_cut("f1", [CUT_SOURCE])
+    echo_proxy.set_cut("f1", [CUT_SOURCE])
+    echo_proxy.set_cut("f2", [CUT_SOURCE, SPARED_SOURCE])
+    writer.write(b"x")
+
+    assert echo_proxy.remove_cut("f1") is True
+    assert echo_proxy.remove_cut("f1") is False
+    assert await _is_silent(reader, 1)
+    assert echo_proxy.cuts() == {"f2": frozenset({CUT_SOURCE, SPARED_SOURCE})}
+    assert echo_proxy.remove_cut("f2") is True
+    async with asyncio.timeout(STEP_TIMEOUT_S):
+        assert await reader.readexactly(1) == b"x"
+    await _close(writer)
+
+
+def test_control_api_sets_and_lifts_cuts_idempotently(
+    proxy_process: tuple[subprocess.Popen[str], dict[str, object]],
+) -> None:
+    """PUT /cuts/NAME twice is one cut, DELETE twice lifts it once; a client
+    from a cut source times out, and works again once the cut is lifted."""
+    _, ready = proxy_process
+    host, _, port = str(ready["listen"]).rpartition(":")
+    control = ProxyControl(str(ready["control"]))
+
+    def ping_from(source: str, timeout_s: float) -> bytes:
+        """An inline PING to Redis through the proxy, sent from ``source``."""
+        with socket.create_connection((host, int(port)), timeout_s,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64)
+
+    assert control.set_cut("f7", [CUT_SOURCE]) == {"f7": frozenset({CUT_SOURCE})}
+    assert control.set_cut("f7", [CUT_SOURCE]) == {"f7": frozenset({CUT_SOURCE})}
+    with pytest.raises(TimeoutError):
+        ping_from(CUT_SOURCE, SILENCE_S)
+    assert ping_from(SPARED_SOURCE, STEP_TIMEOUT_S) == b"+PONG\r\n"
+    assert control.remove_cut("f7") is True
+    assert control.remove_cut("f7") is False
+    assert control.cuts() == {}
+    assert ping_from(CUT_SOURCE, STEP_TIMEOUT_S) == b"+PONG\r\n"
+
+
+def test_cut_names_and_sources_are_checked() -> None:
+    """A cut name with a slash or a source that is no IP address is a usage
+    error before anything is sent."""
+    control = ProxyControl("http://127.0.0.1:1")
+
+    with pytest.raises(UsageError, match="cut name"):
+        control.set_cut("f1/../x", [CUT_SOURCE])
+    with pytest.raises(UsageError, match="not an IP address"):
+        control.set_cut("f1", ["redis-1"])
