@@ -34,6 +34,7 @@ from dslab.chaos import scenario as scenarios
 from dslab.chaos.scenario import FaultRule, Scenario
 from dslab.errors import UsageError
 from dslab.lab.lab import Lab
+from dslab.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +150,54 @@ def _exercise_table(path: Path) -> dict[str, Any]:
 
 
 def quick(scenario: Scenario, duration_s: float) -> Scenario:
-    """The same experiment squeezed into ``duration_s``: every fault time and
-    window is scaled by the same factor, so a kill at a third of the run still
-    comes at a third of it."""
+    """The same experiment squeezed into ``duration_s`` of measurement.
+
+    Fault moments are counted from the workload's start, which includes its
+    ``--warmup``; the warmup is kept whole and only the measured part is
+    scaled, so a kill a third into the measured run still comes a third into
+    it (scaling the warmup too would move faults into it, where nobody
+    measures them). Intervals (``every``, ``for``) scale by the same factor.
+    """
     if duration_s < MIN_QUICK_S:
         raise UsageError(f"--duration {duration_s:g}s is too short to judge anything",
                          fix=f"give at least {MIN_QUICK_S:g}s")
     factor = duration_s / scenario.duration_s
-    faults = tuple(_scaled(rule, factor) for rule in scenario.faults)
+    warmup_s = _warmup_s(scenario)
+    faults = tuple(_scaled(rule, factor, warmup_s) for rule in scenario.faults)
     return replace(scenario, duration_s=duration_s, faults=faults)
 
 
-def _scaled(rule: FaultRule, factor: float) -> FaultRule:
-    def scale(value: float | None) -> float | None:
+def _warmup_s(scenario: Scenario) -> float:
+    """The workload's ``--warmup``, 0 when not given (the benches' default)."""
+    options = list(scenario.workload_options)
+    for index, option in enumerate(options):
+        if option == "--warmup" and index + 1 < len(options):
+            return parse_duration(options[index + 1], what="--warmup")
+        if option.startswith("--warmup="):
+            return parse_duration(option.partition("=")[2], what="--warmup")
+    return 0.0
+
+
+def _scaled(rule: FaultRule, factor: float, warmup_s: float) -> FaultRule:
+    def moment(value: float) -> float:
+        if value <= warmup_s:
+            return value
+        return round(warmup_s + (value - warmup_s) * factor, 3)
+
+    def interval(value: float | None) -> float | None:
         return None if value is None else round(value * factor, 3)
 
     between = (None if rule.between_s is None
-               else (rule.between_s[0] * factor, rule.between_s[1] * factor))
-    return replace(rule, at_s=scale(rule.at_s), every_s=scale(rule.every_s),
-                   start_s=rule.start_s * factor, stop_s=scale(rule.stop_s),
-                   between_s=between, for_s=scale(rule.for_s))
+               else (moment(rule.between_s[0]), moment(rule.between_s[1])))
+    return replace(
+        rule,
+        at_s=None if rule.at_s is None else moment(rule.at_s),
+        every_s=interval(rule.every_s),
+        start_s=moment(rule.start_s),
+        stop_s=None if rule.stop_s is None else moment(rule.stop_s),
+        between_s=between,
+        for_s=interval(rule.for_s),
+    )
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 ``dslab chaos run`` and ``dslab exercise check`` both come here. The steps:
 
-1. bring up the scenario's lab (or reuse the same one already running) and
-   start the chat or shortener servers it asks for;
+1. check that this machine can run the scenario at all (a netns lab needs
+   root, a netem delay needs netem) and refuse before anything starts; bring
+   up the scenario's lab on its network (or reuse the same one already
+   running) and start the chat or shortener servers it asks for;
 2. start the workload as its own process (``dslab chat bench`` or ``dslab
    shorten bench`` with the scenario's options), and at the same moment the
    nemesis, which applies the seeded fault schedule through the journal;
@@ -29,6 +31,7 @@ three (see docs/scenarios.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shlex
@@ -43,24 +46,30 @@ from pathlib import Path
 from dslab import __version__
 from dslab.chaos.heal import heal_all
 from dslab.chaos.journal import APPLIED, HEALED, Journal
-from dslab.chaos.scenario import Nemesis, PlannedFault, Scenario, plan
+from dslab.chaos.scenario import Nemesis, PlannedFault, Scenario, check_machine, plan
+from dslab.chat.worker import RoomAudit, audit
 from dslab.errors import CheckFailed, DslabError, Interrupted, UsageError
 from dslab.lab import services
 from dslab.lab.lab import Lab
 from dslab.lab.state import ProcessRecord
+from dslab.redisconn import async_client
 from dslab.report.runfile import FaultEvent, RunFile, RunMeta, utc_timestamp
 from dslab.report.slo import SloResult, evaluate, parse_slos
 
 log = logging.getLogger(__name__)
 
-SERVICE_MODULES = {"chat": "dslab.chat", "shortener": "dslab.shortener"}
-SERVICE_PORTS = {"chat": 8100, "shortener": 8080}
-# The process name flag for servers that want to know their lab name.
-SERVICE_NAME_FLAGS = {"chat": "--name", "shortener": None}
+SERVICE_MODULES = {"chat": "dslab.chat", "shortener": "dslab.shortener",
+                   "worker": "dslab.chat.worker"}
+SERVICE_PORTS = {"chat": 8100, "shortener": 8080, "worker": 8300}
+# The process name flag for services that want to know their lab name.
+SERVICE_NAME_FLAGS = {"chat": "--name", "shortener": None, "worker": "--name"}
 BENCH_COMMANDS = {"chat": ["chat", "bench"], "shortener": ["shorten", "bench"]}
-# Faults this long before a run's measured start still shape it (a pause
-# that began during set-up), so the timeline keeps them, at negative times.
-FAULT_MARGIN_S = 5.0
+# The timeline keeps faults from the experiment's start on; those before the
+# measured window (during connect and warmup) show at negative times.
+FAULT_MARGIN_S = 1.0
+# After the workload, how long the worker pool gets to finish what is pending:
+# a killed worker's entries are claimed after 2 s idle (CLAIM_IDLE_MS).
+WORKER_DRAIN_S = 15.0
 # A workload still running this long after its duration is stuck.
 WORKLOAD_GRACE_S = 120.0
 
@@ -79,9 +88,9 @@ class ServerTarget:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in SERVICE_MODULES:
+        if self.kind not in BENCH_COMMANDS:
             raise UsageError(f"no server kind {self.kind!r} to replace",
-                             fix=f"use one of {sorted(SERVICE_MODULES)}")
+                             fix=f"use one of {sorted(BENCH_COMMANDS)}")
         if bool(self.urls) == (self.command is not None):
             raise UsageError("give either the URLs of running servers or a "
                              "command that starts one, not both (nor neither)",
@@ -145,7 +154,8 @@ def run(
                   "servers, and --target replaces them")
     out = out or Path("runs") / f"scenario-{_slug(scenario.name)}-{_stamp()}.json"
 
-    lab.up(scenario.topology, scenario.persistence)
+    check_machine(scenario)
+    lab.up(scenario.topology, scenario.persistence, network=scenario.network)
     target_urls = _start_services(scenario, lab, on_event, target)
 
     argv = bench_argv(scenario, seed, out)
@@ -166,9 +176,12 @@ def run(
     ended_wall = time.time()
 
     run_file = _run_file(scenario, seed, out, argv, started, lab)
+    if any(spec.kind == "worker" for spec in scenario.services):
+        _audit_workers(lab, run_file, on_event)
     # On the run's own clock, so faults line up with its per-second series.
     run_started = _epoch(run_file.meta.started_at, started_wall)
-    run_file.faults = journal_timeline(lab.home, run_started, ended_wall)
+    run_file.faults = journal_timeline(lab.home, run_started, ended_wall,
+                                       since=started_wall)
     results = evaluate(constraints, run_file)
     run_file.slo = [result.to_dict() for result in results]
     run_file.save(out)
@@ -196,15 +209,17 @@ def target_flags(kind: str, urls: list[str]) -> list[str]:
     return ["--server", urls[0]]
 
 
-def journal_timeline(home: Path, wall_from: float, wall_to: float) -> list[FaultEvent]:
-    """The faults applied and healed between two wall-clock moments, as a run
-    file's timeline (seconds since ``wall_from``)."""
+def journal_timeline(home: Path, wall_from: float, wall_to: float,
+                     *, since: float | None = None) -> list[FaultEvent]:
+    """The faults applied and healed between ``since`` (default ``wall_from``)
+    and ``wall_to``, as a run file's timeline: seconds since ``wall_from``."""
     journal = Journal(home)
     targets = {fault.id: fault.target for fault in journal.faults()}
+    first = (wall_from if since is None else min(since, wall_from)) - FAULT_MARGIN_S
     timeline = []
     for event in journal.events():
         at = float(event.get("started_at") or event.get("at") or 0.0)
-        if not wall_from - FAULT_MARGIN_S <= at <= wall_to:
+        if not first <= at <= wall_to:
             continue
         if event["event"] == APPLIED:
             action, detail = str(event.get("kind")), str(event["id"])
@@ -215,6 +230,48 @@ def journal_timeline(home: Path, wall_from: float, wall_to: float) -> list[Fault
         target = str(event.get("target") or targets.get(str(event["id"]), ""))
         timeline.append(FaultEvent(round(at - wall_from, 3), action, target, detail))
     return sorted(timeline, key=lambda fault: fault.at)
+
+
+def _audit_workers(
+    lab: Lab, run_file: RunFile, on_event: Callable[[str], None] | None
+) -> None:
+    """Grade the worker pool on the run's rooms: wait (bounded) until nothing
+    is pending, then add ``worker_missed``, ``worker_duplicated`` and
+    ``worker_pending`` to the checker verdict's totals, where SLOs such as
+    ``worker_missed==0`` read them."""
+    if run_file.verdict is None or not isinstance(run_file.verdict.get("rooms"), dict):
+        raise CheckFailed("the scenario runs chat workers but its workload "
+                          "produced no chat verdict to grade them against",
+                          fix='use kind = "chat" in [workload]')
+    rooms = sorted(run_file.verdict["rooms"])
+    _tell(on_event, f"waiting up to {WORKER_DRAIN_S:g}s for the workers to "
+          "finish what is pending")
+    audits = asyncio.run(_drained_audit(lab, rooms))
+    totals = run_file.verdict.setdefault("total", {})
+    totals["worker_entries"] = sum(a.entries for a in audits)
+    totals["worker_processed"] = sum(a.processed for a in audits)
+    totals["worker_missed"] = sum(a.missed for a in audits)
+    totals["worker_duplicated"] = sum(a.duplicated for a in audits)
+    totals["worker_pending"] = sum(a.pending for a in audits)
+    _tell(on_event, f"workers processed {totals['worker_processed']} of "
+          f"{totals['worker_entries']} entries; {totals['worker_pending']} pending")
+
+
+async def _drained_audit(lab: Lab, rooms: list[str]) -> list[RoomAudit]:
+    client = async_client(lab.redis_target())
+    try:
+        deadline = time.monotonic() + WORKER_DRAIN_S
+        while True:
+            audits = await audit(client, rooms)
+            settled = all(a.pending == 0 and a.processed >= a.entries
+                          for a in audits)
+            # With no live worker nothing will change: no point waiting.
+            stuck = not services.running(lab, "worker")
+            if settled or stuck or time.monotonic() >= deadline:
+                return audits
+            await asyncio.sleep(0.25)
+    finally:
+        await client.aclose()
 
 
 def _start_services(

@@ -3,6 +3,7 @@ and the quick-check and target helpers behave."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,14 +104,27 @@ def test_the_top_level_exercises_folder_is_the_packaged_one() -> None:
     assert link.resolve() == exercises.EXERCISES_DIR.resolve()
 
 
-def test_a_quick_check_scales_fault_times_with_the_duration() -> None:
-    """A kill at 8 s of 20 s comes at 2 s of a 5 s quick check."""
+def test_a_quick_check_scales_the_measured_part_and_keeps_the_warmup() -> None:
+    """Exercise 02 kills at 8 s of a 2 s warmup + 20 s run, 6 s into the
+    measurement; in a 5 s quick check that is 1.5 s into it, at 3.5 s."""
     scenario = scenarios.load(exercises.find("02").scenario_path())
 
     shorter = exercises.quick(scenario, 5.0)
 
     assert shorter.duration_s == 5.0
-    assert [fault.at_s for fault in scenarios.plan(shorter, 1)] == [2.0]
+    assert [fault.at_s for fault in scenarios.plan(shorter, 1)] == [3.5]
+
+
+def test_a_fault_during_the_warmup_stays_where_it_was() -> None:
+    """Only moments after the warmup move: a fault at 1 s of a 2 s warmup
+    is still at 1 s; its `for` interval scales."""
+    scenario = scenarios.load(exercises.find("05").scenario_path())
+    early = replace(scenario, faults=(replace(scenario.faults[0], at_s=1.0),))
+
+    shorter = exercises.quick(early, scenario.duration_s / 2)
+
+    assert shorter.faults[0].at_s == 1.0
+    assert shorter.faults[0].for_s == scenario.faults[0].for_s / 2
 
 
 def test_a_quick_check_too_short_to_mean_anything_is_refused() -> None:

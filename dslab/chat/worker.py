@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
+from aiohttp import web
 
 from dslab.chat.protocol import entry_ms
 from dslab.chat.store import log_key
 from dslab.logs import setup_server_logging
 from dslab.redisconn import async_client
-from dslab.settings import RedisTarget
+from dslab.settings import LOOPBACK_HOST, RedisTarget
 
 # Named explicitly: run with -m, this module is `__main__`.
 log = logging.getLogger("dslab.chat.worker")
@@ -224,13 +225,17 @@ def _text(value: bytes | str) -> str:
 
 
 async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int,
-                *, all_rooms: bool = False) -> None:
+                *, all_rooms: bool = False, host: str = LOOPBACK_HOST,
+                port: int | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT; with ``port``, answer
+    ``GET /healthz`` there, so the lab can supervise it like its servers."""
     client = async_client(target)
     worker = ChatWorker(client, rooms, name, work_ms=work_ms, all_rooms=all_rooms)
     task = asyncio.create_task(worker.run())
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
+    runner = None if port is None else await _health_server(worker, host, port)
     log.info("chat worker ready: %s rooms=%s", name,
              "all" if all_rooms else ",".join(rooms))
     try:
@@ -238,7 +243,22 @@ async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int,
     except asyncio.CancelledError:
         log.info("chat worker stopping: %s processed=%d", name, worker.processed)
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await client.aclose()
+
+
+async def _health_server(worker: ChatWorker, host: str, port: int) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "name": worker.name,
+                                  "processed": worker.processed})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,10 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="worker")
     parser.add_argument("--work-ms", type=int, default=0,
                         help="simulated work per message (demos, tests)")
+    parser.add_argument("--host", default=LOOPBACK_HOST)
+    parser.add_argument("--port", type=int, default=None,
+                        help="answer GET /healthz here (how the lab supervises it)")
     args = parser.parse_args(argv)
     setup_server_logging(1)
     asyncio.run(serve(RedisTarget.parse(args.redis), args.room or [], args.name,
-                      args.work_ms, all_rooms=args.all_rooms))
+                      args.work_ms, all_rooms=args.all_rooms, host=args.host,
+                      port=args.port))
     return 0
 
 

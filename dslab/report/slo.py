@@ -46,6 +46,11 @@ VERDICT_COUNTS = (
     "reordered",
     "unacked_delivered",
     "double_appended",
+    # Added by a scenario that runs the chat worker pool (consumer groups):
+    # entries no worker processed, processed twice, still unacknowledged.
+    "worker_missed",
+    "worker_duplicated",
+    "worker_pending",
 )
 # Microseconds per unit a latency threshold may be written in.
 LATENCY_UNITS_US = {"us": 1.0, "µs": 1.0, "ms": 1000.0, "s": 1_000_000.0}
@@ -54,6 +59,7 @@ ACCEPTED_FORMS = (
     "p99<200ms, p50<=20ms, p99.9<1s, max<500ms (latency: us, ms or s); "
     "errors<0.1% (error rate) or errors==0 (count); lost==0, duplicated==0, "
     "reordered==0, unacked_delivered==0, double_appended==0 (checker counts); "
+    "worker_missed==0, worker_duplicated==0, worker_pending==0 (chat workers); "
     "throughput>=10000/s; any of them scoped to an operation as "
     "OPERATION:RULE, e.g. deliver:p99<200ms; comparators <, <=, ==, =, >=, >"
 )
@@ -339,8 +345,12 @@ def _evaluate_verdict(slo: Slo, verdict: dict[str, Any] | None) -> SloResult:
     value = total.get(slo.metric) if isinstance(total, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return _cannot(slo, None, f"the checker verdict has no {slo.metric} count")
-    expected = total.get("expected") if isinstance(total, dict) else None
-    of = f" of {expected} expected deliveries" if isinstance(expected, int) else ""
+    assert isinstance(total, dict)  # a count was found in it
+    if slo.metric.startswith("worker_"):
+        expected, of_what = total.get("worker_entries"), "stream entries"
+    else:
+        expected, of_what = total.get("expected"), "expected deliveries"
+    of = f" of {expected} {of_what}" if isinstance(expected, int) else ""
 
     return _judge(slo, None, float(value), float(value),
                   f"{_number(value)} {slo.metric}{of}")

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -152,3 +153,179 @@ target = "no-such-node"
     assert len(nemesis.errors) == 1 and "no-such-node" in nemesis.errors[0]
     journal = Journal(lab.home)
     assert journal.active_faults() == []
+
+
+# -- delay, partition and heal faults, and the lab's network ------------------
+
+NETWORK_FAULTS = """
+name = "slow then cut"
+seed = 11
+
+[lab]
+network = "netns"
+
+[workload]
+duration = "30s"
+
+[[faults]]
+random = ["1s", "9s"]
+count = 2
+action = "delay"
+target = "random:redis"
+ms = 150
+jitter = 20
+rate = "1mbit"
+backend = "proxy"
+for = "2s"
+
+[[faults]]
+at = "12s"
+action = "partition"
+sides = [["redis-1", "sentinel-1"], ["redis-2", "host"]]
+one_way = true
+for = "3s"
+
+[[faults]]
+every = "10s"
+start = "15s"
+action = "partition"
+target = "primary"
+
+[[faults]]
+at = "28s"
+action = "heal"
+"""
+
+
+def test_network_faults_parse_plan_and_print_plainly() -> None:
+    """delay, partition (sides or isolate) and heal land in the rules with
+    their options, the same seed plans the same list, and each planned fault
+    reads as what it does."""
+    scenario = parse(_parsed(NETWORK_FAULTS), Path("s.toml"))
+
+    first, second = plan(scenario, seed=11), plan(scenario, seed=11)
+
+    assert scenario.network.value == "netns"
+    delay_rule = scenario.faults[0]
+    assert delay_rule.delay is not None and delay_rule.backend == "proxy"
+    assert (delay_rule.delay.ms, delay_rule.delay.jitter_ms) == (150.0, 20.0)
+    assert delay_rule.delay.rate == "1mbit" and delay_rule.for_s == 2.0
+    assert scenario.faults[1].sides == (("redis-1", "sentinel-1"),
+                                        ("redis-2", "host"))
+    assert first == second
+    lines = [fault.describe() for fault in first]
+    assert sum("delay random:redis 150ms+-20ms rate 1mbit (proxy) for 2s" in line
+               for line in lines) == 2
+    assert "  12.00s  partition redis-1,sentinel-1 -> redis-2,host for 3s" in lines
+    assert "  15.00s  partition: isolate primary" in lines
+    assert "  25.00s  partition: isolate primary" in lines
+    assert lines[-1] == "  28.00s  heal every active fault"
+
+
+def test_delay_backend_defaults_to_auto_and_network_to_loopback() -> None:
+    """Without backend a delay is `auto`; without [lab] network the lab is
+    the loopback one."""
+    scenario = parse(_parsed('[[faults]]\nat = "1s"\naction = "delay"\n'
+                             'target = "redis-1"\nms = 5'), Path("s.toml"))
+
+    assert scenario.faults[0].backend == "auto"
+    assert scenario.network.value == "loopback"
+
+
+_DELAY = '[[faults]]\nat = "1s"\naction = "delay"\ntarget = "redis-1"\n'
+_PARTITION = ('[lab]\nnetwork = "netns"\n[[faults]]\nat = "1s"\n'
+              'action = "partition"\n')
+
+
+@pytest.mark.parametrize(("text", "complaint"), [
+    (_DELAY + 'ms = "fast"', r"faults\[0\]\.ms must be a number"),
+    (_DELAY + "ms = 10\njitter = 30", r"faults\[0\]: jitter 30 is larger"),
+    (_DELAY + "ms = -1", r"faults\[0\]: ms and jitter must be >= 0"),
+    (_DELAY + 'ms = 10\nrate = "fast"', r"faults\[0\]: rate 'fast'"),
+    (_DELAY + 'ms = 10\nbackend = "tc"', r"faults\[0\]\.backend is 'tc'"),
+    (_DELAY + 'ms = 10\nbackend = "proxy"\nloss = "1%"', r"faults\[0\]\.loss"),
+    (_DELAY, "nothing to do"),
+    (_DELAY + "ms = 10\nsides = []", r"faults\[0\]\.sides is not a key of a delay"),
+    (_PARTITION + 'target = "redis-1"\nsides = [["redis-1"], ["host"]]',
+     "both target and sides"),
+    (_PARTITION + 'sides = [["redis-1"]]', r"faults\[0\]\.sides must be two"),
+    (_PARTITION + 'sides = [["redis-1"], []]', r"faults\[0\]\.sides must be two"),
+    (_PARTITION + 'sides = [["redis-1"], ["redis-1"]]', "on both sides"),
+    (_PARTITION + 'target = "redis-1"\none_way = "yes"', r"faults\[0\]\.one_way"),
+    (_PARTITION + 'target = "redis-1"\nms = 5', r"faults\[0\]\.ms is not a key"),
+    (_PARTITION, r"faults\[0\]\.target is missing"),
+    ('[[faults]]\nat = "1s"\naction = "partition"\ntarget = "redis-1"',
+     "lab.network is 'loopback'"),
+    ('[[faults]]\nat = "1s"\naction = "heal"\nfor = "1s"', "not heal"),
+    ('[[faults]]\nat = "1s"\naction = "heal"\ntarget = "redis-1"',
+     r"faults\[0\]\.target is not a key of a heal"),
+    ('[[faults]]\nat = "1s"\naction = "pause"\ntarget = "x"\nsignal = "TERM"',
+     r"faults\[0\]\.signal is not a key of a pause"),
+    ('[lab]\nnetwork = "wifi"', "lab.network is 'wifi'"),
+])
+def test_bad_network_faults_are_refused_naming_the_key(
+    tmp_path: Path, text: str, complaint: str
+) -> None:
+    """A bad delay, partition or heal fault, or an unknown network, is a
+    usage error naming the key at fault, before anything starts."""
+    with pytest.raises(UsageError, match=complaint):
+        load(_write(tmp_path, text))
+
+
+def test_every_shipped_exercise_scenario_still_loads() -> None:
+    """The stricter key checks refuse nothing the shipped exercises use."""
+    shipped = sorted(Path(__file__).resolve().parents[2]
+                     .glob("dslab/exercises/*/scenario*.toml"))
+
+    loaded = [load(path) for path in shipped]
+
+    assert len(loaded) >= 10
+
+
+@pytest.mark.timeout(60)
+def test_nemesis_delays_through_the_proxy_and_undoes_it(
+    start_lab: StartLab, tmp_path: Path
+) -> None:
+    """A proxy-backed delay of 300 ms really slows a PING through the proxy
+    the nemesis started, is journaled, and its `for` timer heals it (long
+    before the heal fault, which then finds nothing left)."""
+    lab = start_lab()
+    scenario = load(_write(tmp_path, """
+[workload]
+duration = "10s"
+[[faults]]
+at = "0.1s"
+action = "delay"
+target = "redis-1"
+ms = 300
+backend = "proxy"
+for = "1s"
+[[faults]]
+at = "6s"
+action = "heal"
+"""))
+    nemesis = Nemesis(lab, plan(scenario, seed=1), seed=1)
+    journal = Journal(lab.home)
+
+    nemesis.start()
+    try:
+        eventually(lambda: bool(journal.active_faults()), timeout_s=10)
+        fault = journal.active_faults()[0]
+        host, port = str(fault.params["proxy_address"]).rsplit(":", 1)
+        client = redis.Redis(host=host, port=int(port), socket_timeout=5)
+        try:
+            began = time.monotonic()
+            client.ping()
+            slowed_s = time.monotonic() - began
+        finally:
+            client.close()
+        eventually(lambda: journal.active_faults() == [], timeout_s=10)
+        eventually(lambda: len(nemesis.applied) == 2, timeout_s=10)
+    finally:
+        nemesis.stop()
+
+    assert fault.kind == "delay" and fault.params["backend"] == "proxy"
+    assert slowed_s >= 0.25
+    assert nemesis.applied[0][1].startswith("delay 300ms on redis-1 via proxy")
+    assert nemesis.applied[1][1] == "heal: nothing was active"
+    assert nemesis.errors == []
