@@ -251,6 +251,9 @@ def test_status_shows_a_paused_node_as_paused(start_lab: StartLab) -> None:
     node = lab.node("redis-1")
     os.kill(node.pid, signal.SIGSTOP)
     try:
+        # The kernel stops the process asynchronously: wait until it has.
+        eventually(lambda: psutil.Process(node.pid).status() == psutil.STATUS_STOPPED,
+                   timeout_s=5)
         health = lab.status().nodes[0]
         assert health.process == "paused"
         assert not health.answering
