@@ -2,17 +2,22 @@
 
 Logs ``chat ready: http://HOST:PORT`` on stderr once it accepts connections
 (the line supervisors wait for) and stops cleanly on SIGTERM or Ctrl-C.
-Binds to 127.0.0.1 unless told otherwise.
+Binds to 127.0.0.1 unless told otherwise. Runs on uvloop: its transports
+write in C, which is most of a server's work when fanning out to hundreds of
+sockets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
 from pathlib import Path
+
+import uvloop
 
 from dslab.chat import tokens
 from dslab.chat.fanout import Delivery
@@ -51,6 +56,9 @@ async def serve(config: ChatConfig) -> None:
         loop.add_signal_handler(signum, stop.set)
 
     running = await start_server(config)
+    # Modules and the app live as long as the process: a full garbage
+    # collection need not walk them, which keeps its pauses off deliveries.
+    gc.freeze()
     log.info("chat ready: %s", running.url)
     try:
         await stop.wait()
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             secret=(tokens.load_or_create_secret(args.secret_file)
                     if args.secret_file else None),
         )
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
     except DslabError as error:
         print(f"Error: {error}", file=sys.stderr)
         return error.exit_code

@@ -15,8 +15,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+try:  # several times faster: a load generator decodes 10,000s of frames a second
+    import orjson
+
+    _loads: Callable[[str | bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - the standard library decodes the same
+    _loads = json.loads
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "dslab.chat.v1"
@@ -224,7 +232,7 @@ def pong_frame(token: str | int | None) -> str:
 
 def decode_server_frame(raw: str) -> dict[str, Any]:
     """For clients: a server frame as a dict (the server only sends objects)."""
-    data = json.loads(raw)
+    data = _loads(raw)  # orjson's error is a json.JSONDecodeError, as before
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         raise ProtocolError("bad_frame", "server frame without a type")
     return data

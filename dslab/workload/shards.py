@@ -26,6 +26,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import uvloop
+
 from dslab.errors import DslabError, EnvironmentProblem
 
 JOIN_TIMEOUT_S = 5.0  # for a shard to exit once told to, before it is killed
@@ -137,6 +139,14 @@ def precise_loop() -> asyncio.AbstractEventLoop:
     process its cost per wake-up is small (it cannot watch more than 1023).
     """
     return asyncio.SelectorEventLoop(selectors.SelectSelector())
+
+
+def fast_loop() -> asyncio.AbstractEventLoop:
+    """uvloop: socket reads, writes and polling in C, and no limit of 1023
+    sockets. Its timers fire to the whole millisecond, so it suits a shard
+    whose cost is receiving (the chat generator's, measured in
+    docs/performance.md) more than one whose cost is timing sends."""
+    return uvloop.new_event_loop()
 
 
 def run_shard(
