@@ -152,10 +152,10 @@ def _exercise_table(path: Path) -> dict[str, Any]:
 def quick(scenario: Scenario, duration_s: float) -> Scenario:
     """The same experiment squeezed into ``duration_s`` of measurement.
 
-    Fault moments are counted from the workload's start, which includes its
-    ``--warmup``; the warmup is kept whole and only the measured part is
-    scaled, so a kill a third into the measured run still comes a third into
-    it (scaling the warmup too would move faults into it, where nobody
+    Fault moments count from the moment the workload's load began, its
+    ``--warmup`` first; the warmup is kept whole and only the measured part
+    is scaled, so a kill a third into the measured run still comes a third
+    into it (scaling the warmup too would move faults into it, where nobody
     measures them). Intervals (``every``, ``for``) scale by the same factor.
     """
     if duration_s < MIN_QUICK_S:

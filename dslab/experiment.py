@@ -55,6 +55,7 @@ from dslab.lab.state import ProcessRecord
 from dslab.redisconn import async_client
 from dslab.report.runfile import FaultEvent, RunFile, RunMeta, utc_timestamp
 from dslab.report.slo import SloResult, evaluate, parse_slos
+from dslab.workload.shards import LOAD_START_FILE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ FAULT_MARGIN_S = 1.0
 # After the workload, how long the worker pool gets to finish what is pending:
 # a killed worker's entries are claimed after 2 s idle (CLAIM_IDLE_MS).
 WORKER_DRAIN_S = 15.0
+# In the lab folder: the instant the workload's load began (see Nemesis).
+LOAD_START_FILE = "load-started"
 # A workload still running this long after its duration is stuck.
 WORKLOAD_GRACE_S = 120.0
 
@@ -161,11 +164,14 @@ def run(
     argv = bench_argv(scenario, seed, out)
     if argv and target is not None and scenario.workload == target.kind:
         argv += target_flags(target.kind, target_urls)
-    nemesis = Nemesis(lab, schedule, seed, on_event)
+    load_started = lab.home / LOAD_START_FILE
+    load_started.unlink(missing_ok=True)
+    nemesis = Nemesis(lab, schedule, seed, on_event,
+                      load_start_file=load_started if argv else None)
     started_wall, started = time.time(), utc_timestamp()
     workload_exit = 0
     try:
-        workload = _start_workload(argv, lab)
+        workload = _start_workload(argv, lab, load_started)
         nemesis.start()
         workload_exit = _wait(workload, scenario.duration_s)
     except KeyboardInterrupt:
@@ -350,10 +356,13 @@ def _tell(on_event: Callable[[str], None] | None, what: str) -> None:
         on_event(what)
 
 
-def _start_workload(argv: list[str], lab: Lab) -> subprocess.Popen[bytes] | None:
+def _start_workload(
+    argv: list[str], lab: Lab, load_started: Path
+) -> subprocess.Popen[bytes] | None:
     if not argv:
         return None
-    return subprocess.Popen(argv, env={**os.environ, "DSLAB_HOME": str(lab.home)})
+    return subprocess.Popen(argv, env={**os.environ, "DSLAB_HOME": str(lab.home),
+                                       LOAD_START_FILE_ENV: str(load_started)})
 
 
 def _wait(workload: subprocess.Popen[bytes] | None, duration_s: float) -> int:

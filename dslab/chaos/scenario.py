@@ -108,6 +108,9 @@ SERVICES = ("chat", "shortener", "worker")
 # machine for an hour.
 MAX_DURATION_S = 600.0
 MAX_FAULTS = 1000
+# How long the nemesis waits for the workload to report that its load began
+# (users connected, processes started) before counting from its launch.
+LOAD_START_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -312,8 +315,12 @@ class Nemesis:
     def __init__(
         self, lab: Lab, schedule: list[PlannedFault], seed: int,
         on_event: Callable[[str], None] | None = None,
+        *, load_start_file: Path | None = None,
     ) -> None:
         self.lab = lab
+        # Where the workload writes when its load begins: fault times count
+        # from then, not from the workload's start-up (connecting users).
+        self.load_start_file = load_start_file
         self.schedule = schedule
         self.seed = seed
         self.rng = random.Random(seed + 1)
@@ -335,6 +342,8 @@ class Nemesis:
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        if self.load_start_file is not None and not self._wait_for_load():
+            return
         for fault in self.schedule:
             wait_s = self._started + fault.at_s - time.monotonic()
             if wait_s > 0 and self._stop.wait(wait_s):
@@ -349,6 +358,26 @@ class Nemesis:
             self.applied.append((time.monotonic() - self._started, what))
             if self.on_event is not None:
                 self.on_event(what)
+
+    def _wait_for_load(self) -> bool:
+        """Move the clock's origin to the instant the workload's load began;
+        False when told to stop first. A workload that never says (it failed
+        to start) leaves the origin at the nemesis start, with a note."""
+        assert self.load_start_file is not None
+        deadline = time.monotonic() + LOAD_START_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                wall = float(self.load_start_file.read_text(encoding="utf-8"))
+            except (FileNotFoundError, ValueError):
+                if self._stop.wait(0.05):
+                    return False
+                continue
+            self._started = time.monotonic() + (wall - time.time())
+            return True
+        self.errors.append(f"the workload did not report its start within "
+                           f"{LOAD_START_WAIT_S:g}s: fault times count from "
+                           "the workload's launch")
+        return True
 
     def _apply(self, fault: PlannedFault) -> str:
         if fault.action == "heal":

@@ -65,6 +65,7 @@ from dslab.workload.schedule import Mix, Operation, Picker, Timetable
 from dslab.workload.shards import (
     Shard,
     await_all,
+    mark_load_started,
     run_shard,
     running_shards,
     start_all,
@@ -1127,6 +1128,7 @@ def run_wrk(plan: LoadPlan) -> LoadResult:
                 f"-d{seconds}s", f"--timeout={WRK_TIMEOUT_S}s", "-s", str(script),
                 plan.target.url]
         log.debug("running %s", " ".join(argv))
+        mark_load_started(time.time())
         try:
             done = subprocess.run(argv, capture_output=True, text=True,
                                   timeout=seconds + WRK_EXTRA_S, check=False)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import selectors
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -33,6 +35,8 @@ from dslab.errors import DslabError, EnvironmentProblem
 JOIN_TIMEOUT_S = 5.0  # for a shard to exit once told to, before it is killed
 POLL_S = 0.02
 PROGRESS_INTERVAL_S = 0.25
+# Where a bench writes the wall-clock instant its load starts, when asked.
+LOAD_START_FILE_ENV = "DSLAB_LOAD_START_FILE"
 
 
 @dataclass
@@ -78,11 +82,27 @@ async def running_shards(
 
 
 def start_all(shards: Sequence[Shard], start_delay_s: float) -> float:
-    """Tell every shard the common start instant; return it."""
+    """Tell every shard the common start instant; return it.
+
+    With ``LOAD_START_FILE_ENV`` set (``dslab chaos run`` sets it), the
+    instant is also written there, as wall-clock seconds, so that a fault
+    schedule can count from the moment load begins rather than from the
+    bench's start-up (connecting a thousand users takes seconds).
+    """
     started_at = time.monotonic() + start_delay_s
     for shard in shards:
         shard.channel.send(("start", started_at))
+    mark_load_started(time.time() + start_delay_s)
     return started_at
+
+
+def mark_load_started(wall_s: float) -> None:
+    """Write ``wall_s`` to the file named by ``LOAD_START_FILE_ENV``, if set."""
+    marker = os.environ.get(LOAD_START_FILE_ENV)
+    if marker:
+        partial = Path(f"{marker}.partial")
+        partial.write_text(f"{wall_s:.6f}\n", encoding="utf-8")
+        partial.replace(marker)  # atomic: a reader never sees half a number
 
 
 async def await_all(

@@ -329,3 +329,39 @@ action = "heal"
     assert nemesis.applied[0][1].startswith("delay 300ms on redis-1 via proxy")
     assert nemesis.applied[1][1] == "heal: nothing was active"
     assert nemesis.errors == []
+
+
+@pytest.mark.timeout(30)
+def test_fault_times_count_from_when_the_load_began(
+    start_lab: StartLab, tmp_path: Path
+) -> None:
+    """With a load-start file, a fault at 0.2 s waits for the workload to
+    write that its load began (here 1 s after the nemesis started) and comes
+    0.2 s after that instant, not 0.2 s after the nemesis started."""
+    lab = start_lab()
+    scenario = load(_write(tmp_path, """
+[workload]
+duration = "10s"
+[[faults]]
+at = "0.2s"
+action = "heal"
+"""))
+    marker = tmp_path / "load-started"
+    nemesis = Nemesis(lab, plan(scenario, seed=1), seed=1, load_start_file=marker)
+
+    began = time.monotonic()
+    nemesis.start()
+    try:
+        time.sleep(1.0)
+        assert nemesis.applied == [], "the fault came before the load began"
+        load_began = time.time()
+        marker.write_text(f"{load_began:.6f}\n")
+        eventually(lambda: len(nemesis.applied) == 1, timeout_s=10)
+    finally:
+        nemesis.stop()
+
+    at_s, what = nemesis.applied[0]
+    assert what.startswith("heal")
+    assert 0.2 <= at_s < 2.0
+    assert time.monotonic() - began >= 1.2
+    assert nemesis.errors == []
