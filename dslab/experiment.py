@@ -345,9 +345,11 @@ def _launch_learner(
             raise UsageError("the server command is empty",
                              fix="e.g. --target-cmd './myserver --port {port}'")
         url = f"http://127.0.0.1:{port}"
+        # Run where the learner typed the command, so `./my-server` works.
         records.append(lab.launch(lab.next_name(server_target.kind),
                                   server_target.kind, argv, port=port,
-                                  extra={"url": url, "command": text}))
+                                  extra={"url": url, "command": text},
+                                  workdir=Path.cwd()))
     return records
 
 

@@ -1,11 +1,16 @@
-"""Every `dslab ...` command shown in a ```sh block of the docs, the README or
-an exercise README names a real command and only options that command has;
-a chosen set of cheap ones is executed for real."""
+"""Every command shown in a ```sh block of the docs, the README or an exercise
+README is executed: each document is walked through in order in a private
+lab, and each command must exit as the document promises. Beside that, a
+cheap check: every `dslab ...` line names a real command and only options that
+command has. How each command is run is declared in tests/doc_walkthroughs.py.
+"""
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -15,40 +20,22 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from dslab.cli.app import app
+from tests import doc_walkthroughs as walk
 from tests.helpers import run_dslab
 
-REPO = Path(__file__).resolve().parent.parent
-DOC_FILES = sorted([*REPO.glob("docs/*.md"), REPO / "README.md",
-                    *REPO.glob("dslab/exercises/*/README.md")])
-SH_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
-# Shell operators that start a new command on the same line.
-SEPARATORS = re.compile(r"\s(?:&&|\|\||\||;)\s")
-ROOT = typer.main.get_command(app)
-assert isinstance(ROOT, TyperGroup)
+_ROOT = typer.main.get_command(app)
+assert isinstance(_ROOT, TyperGroup)
+ROOT: TyperGroup = _ROOT
 
-
-def documented_commands() -> list[tuple[str, str]]:
-    """(file, command) for every dslab command in a ```sh block."""
-    found = []
-    for path in DOC_FILES:
-        if not path.exists():
-            continue
-        text = path.read_text(encoding="utf-8")
-        for block in SH_BLOCK.findall(text):
-            joined = re.sub(r"\\\n\s*", " ", block)
-            for line in joined.splitlines():
-                for part in SEPARATORS.split(line.strip()):
-                    command = part.strip().removeprefix("sudo ")
-                    if command.startswith("dslab "):
-                        found.append((str(path.relative_to(REPO)), command))
-    return found
-
-
-COMMANDS = documented_commands()
+DOC_COMMANDS = walk.documented_commands()
+COMMANDS = [(c.doc, c.text) for c in DOC_COMMANDS if walk.dslab_words(c.text)]
+DOCS = sorted({c.doc for c in DOC_COMMANDS})
 
 
 def words_of(command: str) -> list[str]:
-    return shlex.split(command, comments=True)[1:]
+    words = walk.dslab_words(command)
+    assert words is not None, command
+    return words
 
 
 def command_path(words: list[str]) -> list[str]:
@@ -97,44 +84,176 @@ def test_every_documented_command_and_option_exists(source: str, command: str) -
             f"{' '.join(path)}` does not have")
 
 
-def _chosen(prefix: str) -> list[str]:
-    return sorted({command for _, command in COMMANDS if command.startswith(prefix)})
+@pytest.mark.parametrize("command", DOC_COMMANDS, ids=[c.where for c in DOC_COMMANDS])
+def test_every_documented_command_has_a_way_to_run(command: walk.DocCommand) -> None:
+    """Each command is executed by the walkthroughs, run by a named test, or
+    listed as not executed with a reason: nothing slips by."""
+    assert walk.how_run(command.text), f"{command.where}: `{command.text}`: " \
+        f"{walk.NOT_COVERED}"
 
 
-@pytest.mark.parametrize("command", _chosen("dslab exercise list")
-                         + _chosen("dslab exercise show"))
-def test_documented_exercise_listing_commands_run(
-    command: str, lab_env: dict[str, str]
+@pytest.mark.parametrize("command", sorted(walk.EXECUTED_ELSEWHERE))
+def test_commands_run_elsewhere_are_run_there(command: str) -> None:
+    """The test named for a command too long for a walkthrough exists and
+    invokes that command."""
+    path, needle = walk.EXECUTED_ELSEWHERE[command]
+
+    assert needle in (walk.REPO / path).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    ("chat bench --users 100 --rooms 5 --duration 20s --warmup 2s",
+     "chat bench --users 10 --rooms 5 --duration 2s --warmup 0.5s"),
+    ("shorten bench --rate 10000/s --duration 15s --codes 1000",
+     "shorten bench --rate 200/s --duration 2s --codes 50"),
+    ("shorten bench --rate 100/s --duration 1s --codes 1",
+     "shorten bench --rate 100/s --duration 1s --codes 1"),
+    ("exercise check 04 --seed 11", "exercise check 04 --seed 11 --duration 3s"),
+    ("exercise check 2 --scenario pubsub",
+     "exercise check 2 --scenario pubsub --duration 5s"),
+    ("chaos partition host redis-1 --for 5s", "chaos partition host redis-1 --for 5s"),
+])
+def test_shortening_lowers_values_and_keeps_the_command(
+    words: str, expected: str
 ) -> None:
-    """`dslab exercise list` and `show N` as documented exit 0 with output."""
-    done = run_dslab(*words_of(command), env=lab_env, timeout_s=30)
-
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    """Caps only lower values; sub-command and options stay (a quick-check
+    --duration is the one addition); fault timers are left alone."""
+    assert shlex.join(walk.shorten(shlex.split(words))) == expected
 
 
-@pytest.mark.parametrize("command", [c for c in _chosen("dslab chaos run ")
-                                     if (REPO / words_of(c)[2]).exists()])
-def test_documented_scenario_runs_plan_their_faults(
-    command: str, lab_env: dict[str, str]
+def test_commands_are_read_from_sh_blocks_and_transcript_prompts(
+    tmp_path: Path
 ) -> None:
-    """Each documented `chaos run` of a shipped scenario is executed with
-    --dry-run (the real run takes 20 s and more): the file exists and plans."""
-    words = words_of(command)
-    done = run_dslab(*words, "--dry-run", env=lab_env, timeout_s=30)
+    """Continuations join, comments go, and only `$ ` lines of a transcript
+    count (its output and synopsis lines do not)."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "```sh\ndslab lab up \\\n    --topology cluster   # six nodes\n```\n"
+        "```\ndslab chaos pause TARGET [--for 10s]\n```\n"
+        "```console\n$ dslab lab status\nredis-1 ok\n```\n", encoding="utf-8")
 
-    assert done.returncode == 0, done.stderr
-    assert "fault(s)" in done.stdout
+    found = walk.documented_commands([doc])
+
+    assert [(c.line, c.text) for c in found] == [
+        (2, "dslab lab up --topology cluster"), (9, "dslab lab status")]
 
 
-def test_documented_lab_lifecycle_runs(lab_env: dict[str, str]) -> None:
-    """`dslab lab up`, `lab status` and `lab down`, as the docs show them, work."""
-    for command in ("dslab lab up", "dslab lab status", "dslab lab down"):
-        assert command in {c for _, c in COMMANDS}, command
+@pytest.mark.parametrize(("command", "codes"), [
+    ("dslab exercise check 02 --scenario pubsub", {1}),
+    ("dslab exercise check 1 --duration 5s", {0}),
+    ("dslab exercise check 04 --seed 11", {0, 1}),
+    ("dslab lab up", {0}),
+])
+def test_exercise_checks_expect_what_their_scenario_declares(
+    command: str, codes: set[int]
+) -> None:
+    """`expect = "fail"` in a scenario means exit 1 is the documented outcome;
+    "varies" admits 0 and 1; other commands must exit 0."""
+    assert walk.expected_codes("any.md", command)[0] == codes
+
+
+def test_a_process_left_in_the_lab_folder_is_found(tmp_path: Path) -> None:
+    """The after-walkthrough check sees a process working in the lab's folder,
+    and no longer once it is gone."""
+    node = tmp_path / "redis-1"
+    node.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                               cwd=node)
     try:
-        for command in ("dslab lab up", "dslab lab status"):
-            done = run_dslab(*words_of(command), env=lab_env, timeout_s=60)
-            assert done.returncode == 0, done.stderr
+        assert any(str(process.pid) in line
+                   for line in walk.leftover_processes(tmp_path))
     finally:
-        down = run_dslab("lab", "down", env=lab_env, timeout_s=60)
-    assert down.returncode == 0, down.stderr
+        process.kill()
+        process.wait(timeout=10)
+
+    assert not walk.leftover_processes(tmp_path)
+
+
+def test_a_command_nobody_runs_is_reported(tmp_path: Path) -> None:
+    """A new doc line the harness does not know fails with the fix to apply."""
+    doc = tmp_path / "new.md"
+    doc.write_text("```sh\nmake-coffee --strong\n```\n", encoding="utf-8")
+    found = walk.documented_commands([doc])
+    outing = walk.Walk(str(doc), {"DSLAB_HOME": str(tmp_path)}, tmp_path)
+
+    assert [c.text for c in found] == ["make-coffee --strong"]
+    with pytest.raises(AssertionError, match="not executed by any test"):
+        walk.run_step(outing, found[0].text)
+
+
+def _set_up_before(outing: walk.Walk, command: str) -> None:
+    """What the document takes for granted before this command (SETUP_BEFORE)."""
+    actions, why = walk.SETUP_BEFORE.get((outing.doc, command), ((), ""))
+    for action in actions:
+        if action == "LEARNER-CHAT":
+            walk.start_learner_chat(outing)
+            continue
+        done = walk.run_step(outing, action)
+        assert done.returncode == 0, f"set-up `{action}` ({why}): {done.output}"
+
+
+# A walkthrough runs several commands of up to ~20 s each (an exercise check
+# is a lab, servers, a workload and a grade): more than the suite's 120 s.
+WALKTHROUGH_TIMEOUT_S = 420
+# Documents whose labs are multi-node (replicated or cluster).
+MULTI_NODE = re.compile(r"--topology (replicated|cluster)")
+
+
+def _doc_param(doc: str) -> object:
+    multi_node = any(MULTI_NODE.search(c.text) for c in DOC_COMMANDS if c.doc == doc)
+    return pytest.param(doc, marks=[pytest.mark.slow] if multi_node else [])
+
+
+@pytest.mark.timeout(WALKTHROUGH_TIMEOUT_S)
+@pytest.mark.parametrize("doc", [_doc_param(doc) for doc in DOCS])
+def test_documented_walkthrough_runs(
+    doc: str, lab_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Every command of the document, in its order, in a private lab, exits
+    as the document promises; afterwards no process or namespace is left."""
+    workdir = tmp_path / "reader"
+    workdir.mkdir()
+    walk.prepare_workdir(workdir)
+    outing = walk.Walk(doc, lab_env, workdir)
+    failures: list[str] = []
+    steps = [c.text for c in DOC_COMMANDS if c.doc == doc]
+    set_up: set[str] = set()
+    try:
+        with walk.static_server() as baseline:
+            outing.static_server = baseline
+            for command in steps:
+                if command not in set_up:
+                    set_up.add(command)
+                    _set_up_before(outing, command)
+                try:
+                    outcome = walk.run_step(outing, command)
+                except AssertionError as broken:  # e.g. a placeholder not found
+                    failures.append(f"`{command}`: {broken}")
+                    continue
+                if outcome.output in ("elsewhere",) or outcome.output.startswith(
+                        "not executed"):
+                    continue  # run by another test, or declared not run
+                outing.outputs.append((command, outcome.output))
+                unsettled = walk.settle(outing, command)
+                if unsettled:
+                    failures.append(f"after `{command}`: {unsettled}")
+                codes, why = walk.expected_codes(doc, command)
+                problem = (
+                    f"exited {outcome.returncode}, expected {sorted(codes)} ({why})"
+                    if outcome.returncode not in codes
+                    else walk.missing_grades(outcome.command, outcome.output))
+                if problem:
+                    failures.append(f"`{command}` (ran `{outcome.command}`) "
+                                    f"{problem}:\n{outcome.output[-1500:]}")
+    finally:
+        for process in outing.foreground:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+        down = run_dslab("lab", "down", env=lab_env, cwd=workdir, timeout_s=60)
+    home = outing.home
+    leftovers = walk.leftover_processes(home, workdir) + walk.leftover_network(home)
+
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not leftovers, f"left running after `lab down`: {leftovers}"
+    assert not failures, f"{doc}:\n\n" + "\n\n".join(failures)

@@ -384,9 +384,14 @@ class Lab:
         role: str | None = None,
         extra: dict[str, object] | None = None,
         timeout_s: float = READY_TIMEOUT_S,
+        workdir: Path | None = None,
     ) -> ProcessRecord:
         """Run a service (a chat server, a shortener, a fault proxy) as part of
         the lab: detached, recorded in the state, stopped by ``down``.
+
+        It runs in its own folder of the lab (its log is there too), or in
+        ``workdir`` when given: a learner's command such as ``./my-server``
+        means the folder it was typed in. A restart keeps that choice.
 
         Ready when its ``extra["health_url"]`` answers 200 (or, without one,
         when its port accepts connections). A service that fails to start is
@@ -403,8 +408,10 @@ class Lab:
             folder = self.home / name
             folder.mkdir(parents=True, exist_ok=True)
             record = self._spawn(name, kind, role or kind, argv, folder,
-                                 folder / f"{kind}.log", port)
+                                 folder / f"{kind}.log", port, workdir=workdir)
             record.extra = dict(extra or {})
+            if workdir is not None:
+                record.extra["workdir"] = str(workdir)
             state.processes = [r for r in state.processes if r.name != name]
             state.processes.append(record)
             write_state(self.settings.state_file, state)
@@ -580,17 +587,20 @@ class Lab:
                      record.port)
 
     def _respawn(self, old: ProcessRecord) -> ProcessRecord:
+        workdir = old.extra.get("workdir")
         fresh = self._spawn(old.name, old.kind, old.role, old.argv, Path(old.dir),
-                            Path(old.log), old.port, host=old.host)
+                            Path(old.log), old.port, host=old.host,
+                            workdir=Path(str(workdir)) if workdir else None)
         fresh.extra = old.extra
         return fresh
 
     def _spawn(
         self, name: str, kind: str, role: str, argv: list[str], node_dir: Path,
         log_file: Path, port: int, *, host: str = LOOPBACK_HOST,
+        workdir: Path | None = None,
     ) -> ProcessRecord:
         spawned = spawn_detached(
-            argv, log_path=log_file, cwd=node_dir, lab_home=self.home
+            argv, log_path=log_file, cwd=workdir or node_dir, lab_home=self.home
         )
         log.info("node started: %s pid=%d port=%d", name, spawned.pid, port)
         return ProcessRecord(

@@ -216,6 +216,16 @@ QUICK_CHECKS = [
 ]
 
 
+# Every (exercise, variant) some test in this file runs in a quick check: the
+# docs' walkthroughs leave `dslab exercise check N` to these tests.
+QUICK_CHECKED = frozenset(
+    {(number, variant) for number, variant, _ in QUICK_CHECKS}
+    | {("1", None),  # test_a_quick_check_of_the_baseline_passes_and_cleans_up
+       ("2", None), ("5", None),  # test_correctness_exercises_pass_in_a_quick_check
+       ("8", "no-reserve")}  # test_a_scenario_designed_to_fail_fails_with_exit_1
+)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("number", "variant", "duration"), QUICK_CHECKS,
@@ -247,3 +257,12 @@ def test_every_other_scenario_reaches_its_expected_verdict(
     if scenario.faults:
         assert run.faults, "the scenario's faults did not happen"
     assert not _state(env).exists()
+
+
+def test_every_shipped_scenario_is_quick_checked_by_a_test_here() -> None:
+    """No scenario file is left out of the quick checks (the docs rely on it)."""
+    shipped = {(str(item.number), variant)
+               for item in exercises.load_all()
+               for variant in (None, *item.variants)}
+
+    assert shipped == QUICK_CHECKED
