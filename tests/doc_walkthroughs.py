@@ -171,6 +171,9 @@ NOT_EXECUTED: dict[str, str] = {
     "scripts/setup": "installs packages and the venv these tests already run in",
     ".venv/bin/python -m pytest": "the test suite itself; running it here recurses",
     "wrk ": "a measurement tool that scripts/setup does not install",
+    "redis-benchmark ": "Redis's own load tool (Debian's redis-tools), which "
+                        "scripts/setup does not install: a baseline measured "
+                        "by hand",
 }
 
 # Commands too long to run in a walkthrough, and the test that runs them.
