@@ -10,9 +10,10 @@ targetable by ``chaos`` and stopped by ``lab down``.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from dslab.errors import LabNotRunning
+from dslab.errors import LabNotRunning, UsageError
 from dslab.lab.lab import Lab
 from dslab.lab.state import ProcessRecord
 from dslab.lab.supervisor import find_free_block, require_free
@@ -40,12 +41,30 @@ def running(lab: Lab, kind: str) -> list[ProcessRecord]:
     return [r for r in state.of_kind(kind) if r.is_alive()]
 
 
+# Services' default ports (chat 8100, shortener 8080, workers 8300) are
+# offsets from this base; DSLAB_SERVICE_PORT_START moves the base, so that two
+# labs, or two test processes, can start services side by side.
+SERVICE_PORT_BASE = 8000
+SERVICE_PORT_ENV = "DSLAB_SERVICE_PORT_START"
+
+
+def service_port_shift() -> int:
+    """How far ``DSLAB_SERVICE_PORT_START`` moves the services' default ports."""
+    text = os.environ.get(SERVICE_PORT_ENV)
+    if not text:
+        return 0
+    if not text.isdigit() or not 1024 <= int(text) <= 60000:
+        raise UsageError(f"{SERVICE_PORT_ENV}={text!r} is not a port in 1024-60000",
+                         fix=f"unset it, or give e.g. {SERVICE_PORT_ENV}=18000")
+    return int(text) - SERVICE_PORT_BASE
+
+
 def choose_ports(count: int, port: int | None, default_start: int) -> list[int]:
     """``count`` consecutive free ports: from ``port`` exactly, or the first free
-    block from ``default_start``."""
+    block from ``default_start`` (moved by ``DSLAB_SERVICE_PORT_START``)."""
     if port is None:
-        port = find_free_block(count, start=default_start,
-                               stop=default_start + 2000)
+        start = default_start + service_port_shift()
+        port = find_free_block(count, start=start, stop=start + 2000)
     ports = list(range(port, port + count))
     require_free(ports)
     return ports
