@@ -20,10 +20,11 @@ from dslab.settings import LabSettings, Persistence, RedisTarget, Topology
 # runs on one machine do not race for the same block: pytest-xdist workers
 # (gw0, gw1, ...) get disjoint 5,000-port regions for nodes (their Cluster bus
 # ports, +10,000, stay clear of them too) and for services.
-WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+# Four regions fit below port 65535 with the bus offset; more workers share.
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % 4
 PORT_START = (20000 + WORKER * 5000
               + random.Random(os.getpid()).randrange(0, 40) * 100)
-os.environ["DSLAB_SERVICE_PORT_START"] = str(42000 + WORKER * 3000)
+os.environ["DSLAB_SERVICE_PORT_START"] = str(50000 + WORKER * 3000)
 
 
 @pytest.fixture

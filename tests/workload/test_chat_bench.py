@@ -28,8 +28,9 @@ from tests.conftest import StartLab
 FAULT_AT_S = 1.0
 # SIGSTOP length of the stall test; latency from the schedule must show it.
 STALL_S = 1.0
-# Where the test chat servers listen from; far from the lab's Redis ports.
-CHAT_PORT_START = 40000
+# Where the test chat servers listen from, as a service default: conftest's
+# DSLAB_SERVICE_PORT_START moves it into this test process's own region.
+CHAT_PORT_START = 8500
 
 
 def _serve(lab: Lab, count: int, delivery: str = "streams") -> list[ProcessRecord]:
