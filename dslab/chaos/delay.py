@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from dslab.errors import DslabError, EnvironmentProblem, UsageError
 from dslab.lab.lab import Lab
 from dslab.lab.netns import NODE_DEVICE
 from dslab.lab.state import ProcessRecord
+from dslab.lab.supervisor import os_free_ports
 from dslab.settings import LOOPBACK_HOST
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def ensure_proxy(lab: Lab, record: ProcessRecord, *, seed: int = 0) -> ProcessRe
         if existing.name == name and existing.is_alive():
             return existing
 
-    listen_port, control_port = _free_ports(2)
+    listen_port, control_port = os_free_ports(2)
     control_url = f"http://{LOOPBACK_HOST}:{control_port}"
     argv = [sys.executable, "-m", "dslab.chaos.proxy",
             "--listen", f"{LOOPBACK_HOST}:{listen_port}",
@@ -284,15 +284,3 @@ def _mark_replaced(journal: Journal, earlier: list[Fault], fault: Fault
         journal.record_healed(old.id, f"replaced by {fault.id}")
         log.info("fault healed: %s (replaced by %s)", old.describe(), fault.id)
     return tuple(old.id for old in earlier)
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the OS says are free now; held together so they differ."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK_HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()

@@ -39,7 +39,6 @@ import functools
 import logging
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -64,6 +63,7 @@ from dslab.lab.state import LabState, ProcessRecord, locked, read_state, write_s
 from dslab.lab.supervisor import (
     find_free_block,
     kill_processes,
+    os_free_ports,
     processes_using,
     require_free,
     spawn_detached,
@@ -525,7 +525,7 @@ class Lab:
         """Start the lab's fault proxies (``--network proxy``), each recorded
         as soon as it is spawned, and wait until every one answers."""
         started = []
-        for plan, control_port in zip(proxies, _os_free_ports(len(proxies)),
+        for plan, control_port in zip(proxies, os_free_ports(len(proxies)),
                                       strict=True):
             folder = self.home / plan.name
             shutil.rmtree(folder, ignore_errors=True)
@@ -705,18 +705,6 @@ def _own_address(state: LabState, name: str) -> str:
     if network_mode(state) is not Network.PROXY or state.network is None:
         return LOOPBACK_HOST
     return str(state.network.get("addresses", {}).get(name, LOOPBACK_HOST))
-
-
-def _os_free_ports(count: int) -> list[int]:
-    """Ports the OS says are free now, held together so they differ."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK_HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _readiness(plan: topology.NodePlan, record: ProcessRecord) -> Callable[[], bool]:

@@ -204,6 +204,19 @@ def kill_processes(processes: list[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=5.0)
 
 
+def os_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different ports the OS says are free now (all bound at once,
+    so they differ; free again when this returns, so a small race remains)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if a server could listen on ``host:port`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
