@@ -5,17 +5,20 @@
 1. check that this machine can run the scenario at all (a netns lab needs
    root, a netem delay needs netem) and refuse before anything starts; bring
    up the scenario's lab on its network (or reuse the same one already
-   running) and start the chat or shortener servers it asks for;
+   running) and start the chat, shortener or worker services it asks for;
 2. start the workload as its own process (``dslab chat bench`` or ``dslab
    shorten bench`` with the scenario's options), and at the same moment the
    nemesis, which applies the seeded fault schedule through the journal;
 3. when the workload ends: stop the nemesis and heal every fault (also on
-   Ctrl-C or an error), rebuild the run's fault timeline from the journal,
+   Ctrl-C or an error); with chat workers, wait for them to drain and audit
+   what they processed; rebuild the run's fault timeline from the journal,
    check the constraints, write the run file, report.
 
-Fault times count from the start of the workload process, so its set-up
-(connecting users, creating links) is part of the timeline; a scenario that
-wants faults during steady load schedules them after its warm-up.
+Fault times count from the moment the workload's load begins, which the
+bench writes to a file the nemesis waits for (``LOAD_START_FILE``): its
+set-up (connecting users, creating links) does not use up the schedule. The
+warm-up is part of the load; a scenario that wants faults in the measured
+window schedules them after it.
 
 A run can grade someone else's server instead of dslab's own (``dslab
 exercise check --target``): a ``ServerTarget`` either names servers already
