@@ -266,11 +266,17 @@ def shorten(words: list[str]) -> list[str]:
     return result
 
 
+def exercise_scenario(words: list[str]) -> tuple[str, str | None]:
+    """("2", "pubsub") for `exercise check 02 --scenario pubsub`."""
+    number = words[2].lstrip("0") or "0"
+    variant = words[words.index("--scenario") + 1] if "--scenario" in words else None
+    return number, variant
+
+
 def exercise_key(words: list[str]) -> str:
     """`2 pubsub` for `exercise check 02 --scenario pubsub`."""
-    number = words[2].lstrip("0") or "0"
-    variant = words[words.index("--scenario") + 1] if "--scenario" in words else ""
-    return f"{number} {variant}".strip()
+    number, variant = exercise_scenario(words)
+    return f"{number} {variant or ''}".strip()
 
 
 def _quick_check_override(words: list[str]) -> str:
@@ -657,10 +663,7 @@ def _quick_checked_elsewhere(words: list[str]) -> bool:
         return False  # the doc reads its run file next: it must exist
     if name == "exercise check" and not any(
             word.startswith("--target") for word in words):
-        number = words[2].lstrip("0") or "0"
-        variant = (words[words.index("--scenario") + 1]
-                   if "--scenario" in words else None)
-        return (number, variant) in QUICK_CHECKED
+        return exercise_scenario(words) in QUICK_CHECKED
     if name == "chaos run":
         found = SHIPPED_SCENARIO.search(words[2])
         if found:
