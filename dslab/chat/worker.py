@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import signal
 import sys
@@ -56,6 +57,10 @@ CLAIM_EVERY_S = 1.0
 BATCH_ENTRIES = 10
 # Under the Redis client's 2 s socket timeout.
 BLOCK_MS = 1000
+# After Ctrl-C or SIGTERM, how long the worker may take to stop before it
+# exits anyway. Nothing is lost either way: an entry in hand stays pending and
+# a surviving worker claims it, as after a crash.
+STOP_GRACE_S = 5.0
 MENTION = re.compile(r"@([A-Za-z0-9_.-]{1,32})")
 # How often --all-rooms looks for new rooms' streams.
 DISCOVER_EVERY_S = 1.0
@@ -100,6 +105,7 @@ class ChatWorker:
         self.work_ms = work_ms  # simulated work per message, for demos and tests
         self.all_rooms = all_rooms
         self.processed = 0
+        self.stopping = False
         self._process = client.register_script(PROCESS_LUA)
 
     async def run(self) -> None:
@@ -107,7 +113,7 @@ class ChatWorker:
             followed = set(self.rooms)
             for room in self.rooms:
                 group.create_task(self._follow(room), name=f"worker:{room}")
-            while self.all_rooms:
+            while self.all_rooms and not self.stopping:
                 for room in await rooms_with_streams(self.client):
                     if room not in followed:
                         followed.add(room)
@@ -119,7 +125,10 @@ class ChatWorker:
         await self._ensure_group(room)
         loop = asyncio.get_running_loop()
         next_claim = loop.time()
-        while True:
+        # The flag, besides cancellation: every read returns within BLOCK_MS,
+        # so a cancellation lost inside the client library cannot keep a
+        # stopping worker alive.
+        while not self.stopping:
             try:
                 if loop.time() >= next_claim:
                     await self._claim_dead(room)
@@ -232,20 +241,43 @@ async def serve(target: RedisTarget, rooms: list[str], name: str, work_ms: int,
     client = async_client(target)
     worker = ChatWorker(client, rooms, name, work_ms=work_ms, all_rooms=all_rooms)
     task = asyncio.create_task(worker.run())
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, stop.set)
     runner = None if port is None else await _health_server(worker, host, port)
     log.info("chat worker ready: %s rooms=%s", name,
              "all" if all_rooms else ",".join(rooms))
+    stopped = asyncio.create_task(stop.wait())
     try:
-        await task
-    except asyncio.CancelledError:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # the worker failed on its own: raise its error
+            return
         log.info("chat worker stopping: %s processed=%d", name, worker.processed)
+        worker.stopping = True
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        if not task.done():
+            _exit_now(worker)
     finally:
+        stopped.cancel()
         if runner is not None:
             await runner.cleanup()
         await client.aclose()
+
+
+def _exit_now(worker: ChatWorker) -> None:
+    """The last resort of a stop that did not finish: say where it hung, then
+    exit. The entries in hand stay pending for the pool to claim."""
+    for hung in asyncio.all_tasks():
+        log.error("still running after %.0f s: %r", STOP_GRACE_S, hung)
+        for frame in hung.get_stack():
+            log.error("  at %s:%d", frame.f_code.co_filename, frame.f_lineno)
+    log.error("chat worker %s did not stop within %.0f s; exiting with its "
+              "entries in hand left pending", worker.name, STOP_GRACE_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 async def _health_server(worker: ChatWorker, host: str, port: int) -> web.AppRunner:

@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from dslab.chat.store import ChatStore, log_key
-from dslab.chat.worker import WORKER_GROUP, audit, mentions_key, stats_key
+from dslab.chat.worker import (
+    STOP_GRACE_S,
+    WORKER_GROUP,
+    audit,
+    mentions_key,
+    stats_key,
+)
 from dslab.settings import RedisTarget
 
 MESSAGES = 200
@@ -108,6 +114,36 @@ async def test_killed_worker_entries_are_processed_once_by_the_survivor(
     assert int(stats["worker:w1"]) > 0 and int(stats["worker:w2"]) > 0
     assert pending["pending"] == 0
     assert await redis_client.zcard(mentions_key("r", "ada")) == MESSAGES // 4
+
+
+async def test_ctrl_c_stops_a_worker_in_the_middle_and_loses_nothing(
+    redis_client: Any, start_worker: Any,
+) -> None:
+    """SIGINT while entries are in hand: the worker exits 0 within its grace
+    period, and what it held is left pending for the next worker, which
+    claims it; every message is then counted once."""
+    chat_store = ChatStore(redis_client)
+    for n in range(MESSAGES):
+        await chat_store.append("r", "ana", f"c{n}", f"plain #{n}")
+    stopped = start_worker("w1")
+    async with asyncio.timeout(WAIT_S):
+        while not await has_pending(redis_client, "w1"):
+            await asyncio.sleep(0.01)
+    stopped.send_signal(signal.SIGINT)
+    code = await asyncio.to_thread(stopped.wait, STOP_GRACE_S + 5)
+
+    assert code == 0
+    (before,) = await audit(redis_client, ["r"])
+    assert before.pending > 0  # left for the pool, not acknowledged unprocessed
+    assert before.processed < MESSAGES  # it really stopped in the middle
+
+    start_worker("w2")
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            (after,) = await audit(redis_client, ["r"])
+            if after.processed == MESSAGES and after.pending == 0:
+                break
+            await asyncio.sleep(0.1)
 
 
 async def test_all_rooms_follows_rooms_created_later_and_the_audit_agrees(
