@@ -30,7 +30,7 @@ from dslab.report.runfile import RunMeta, utc_timestamp
 from dslab.settings import RedisTarget
 from dslab.shortener.codes import DEFAULT_CODE_LENGTH
 from dslab.shortener.server import API_KEY_HEADER
-from dslab.shortener.store import LinkStore
+from dslab.shortener.store import DEFAULT_CODE_POOL, LinkStore
 from dslab.shortener.validation import validate_alias, validate_url
 from dslab.units import parse_duration, parse_rate
 from dslab.workload import http as load
@@ -162,6 +162,11 @@ def serve(
         bool, typer.Option("--no-reserve", help="Naive mode: a colliding code "
                            "overwrites the older link (to watch links get lost).")
     ] = False,
+    code_pool: Annotated[
+        int, typer.Option("--code-pool", help="Codes each worker reserves ahead, "
+                          "so a create does not wait for a reservation; 0: "
+                          "reserve one per create (off with --no-reserve).")
+    ] = DEFAULT_CODE_POOL,
     api_key: Annotated[
         str | None, typer.Option("--api-key", envvar="DSLAB_SHORTENER_API_KEY",
                                  help="Key required to delete links.")
@@ -198,7 +203,7 @@ def serve(
     target = services.redis_target(lab, redis_url)
     args = ["--redis", target.url(with_password=True), "--workers", str(workers),
             "--redirect-status", str(redirect_status),
-            "--code-length", str(code_length)]
+            "--code-length", str(code_length), "--code-pool", str(code_pool)]
     args += ["--no-reserve"] if no_reserve else []
     args += ["--api-key", api_key] if api_key else []
     args += ["--allow-private-targets"] if allow_private_targets else []

@@ -34,12 +34,16 @@ from dslab.redisconn import async_client
 from dslab.settings import LOOPBACK_HOST, RedisKind, RedisTarget
 from dslab.shortener.codes import DEFAULT_CODE_LENGTH, MAX_CODE_LENGTH
 from dslab.shortener.server import REDIRECT_STATUSES, ShortenerConfig, start_server
+from dslab.shortener.store import DEFAULT_CODE_POOL
 
 log = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 30.0  # spawning re-imports dslab; slow on a busy box
 WORKER_STOP_TIMEOUT_S = 10.0  # time for a worker to flush visits and close
 MAX_WORKERS = 64
+# Past this a refill is a pipeline long enough to be noticed by everyone else
+# on the Redis, and a dead worker strands that many codes.
+MAX_CODE_POOL = 10_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
     parser.add_argument("--code-length", type=int, default=DEFAULT_CODE_LENGTH)
     parser.add_argument("--no-reserve", action="store_true",
                         help="naive SET without NX: collisions overwrite links")
+    parser.add_argument("--code-pool", type=int, default=DEFAULT_CODE_POOL,
+                        metavar="N", help="codes each worker reserves ahead "
+                        "(0: reserve one per create; off with --no-reserve)")
     parser.add_argument("--replicas-ack", type=int, default=0, metavar="N",
                         help="WAIT for N replicas to confirm each new link")
     parser.add_argument("--api-key", default=None)
@@ -86,6 +93,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
         raise UsageError(
             f"--code-length {args.code_length} is outside 1..{MAX_CODE_LENGTH}"
         )
+    if not 0 <= args.code_pool <= MAX_CODE_POOL:
+        raise UsageError(f"--code-pool {args.code_pool} is outside 0..{MAX_CODE_POOL}",
+                         fix="64 is the default; 0 reserves one code per create")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port} is outside 0..65535")
     target = RedisTarget.parse(args.redis)
@@ -102,6 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeOptions:
         redirect_status=args.redirect_status,
         code_length=args.code_length,
         reserve=not args.no_reserve,
+        code_pool=args.code_pool,
         replicas_ack=args.replicas_ack,
         api_key=args.api_key,
         create_requires_key=args.create_requires_key,

@@ -15,6 +15,11 @@ Guarantees:
   ``max_attempts`` collisions ``CodeSpaceExhausted`` is raised, never an
   overwrite. ``reserve=False`` is the naive ``SET`` that silently replaces
   whatever link held the code (kept for the collisions exercise);
+- with a code pool (``code_pool > 0``, see ``CodePool``) codes are reserved
+  ahead, in batches, with a placeholder record only this process knows;
+  a create then writes its link over its own placeholder and nothing
+  else (a Lua compare-and-set), so the pool keeps the guarantee above. A
+  placeholder is not a link: redirect, info and delete answer "no such code";
 - looking a code up for a redirect is one ``GET``;
 - a link with a TTL answers "gone" after its expiry and its code stays
   reserved for ``EXPIRED_GRACE_MS`` more, so an old short link seen somewhere
@@ -29,10 +34,12 @@ same store works on standalone Redis, Sentinel and Cluster.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -65,6 +72,49 @@ DEFAULT_OP_TIMEOUT_S = 1.5
 # An expired link answers 410 (not 404) and keeps its code for this long.
 EXPIRED_GRACE_MS = 24 * 3600 * 1000
 MAX_TTL_S = 10 * 365 * 24 * 3600  # ten years: beyond that, say "forever"
+# A placeholder record: a code reserved by a pool, not yet a link. Links are
+# JSON objects, so no link record starts like this.
+PLACEHOLDER_PREFIX = "reserved:"
+# A placeholder left behind by a process that died frees its code after this;
+# a live pool hands a code out only in the first half of it.
+PLACEHOLDER_HOLD_MS = 10 * 60 * 1000
+# Codes a server worker reserves ahead: a refill is one pipeline of this many
+# SET NX, about 1 ms, and lasts 32 creates before the next one starts.
+DEFAULT_CODE_POOL = 64
+# Refills one take() may wait for before it falls back to drawing and
+# reserving a code itself (the pool cannot fill: the space is nearly full).
+POOL_REFILLS_PER_TAKE = 2
+
+# KEYS: the link. ARGV: this pool's placeholder, the link record, PX or "".
+# Writes the link only over the caller's own placeholder.
+CLAIM_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"""
+# KEYS: the link. ARGV: the placeholder. Gives back an unused reservation.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# KEYS: the link and its counters (one hash tag, one slot). ARGV: the
+# placeholder prefix. A placeholder is not a link, so it is not deleted.
+DELETE_LUA = """
+local record = redis.call('GET', KEYS[1])
+if not record or string.sub(record, 1, #ARGV[1]) == ARGV[1] then
+  return 0
+end
+redis.call('DEL', unpack(KEYS))
+return 1
+"""
 
 
 def link_key(code: str) -> str:
@@ -166,6 +216,8 @@ class LinkStore:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         op_timeout_s: float = DEFAULT_OP_TIMEOUT_S,
         clock_ms: Callable[[], int] = now_ms,
+        code_pool: int = 0,
+        on_refill: Callable[[float, int], None] | None = None,
     ) -> None:
         self.client = client
         self.code_length = code_length
@@ -175,6 +227,11 @@ class LinkStore:
         self.max_attempts = max_attempts
         self.op_timeout_s = op_timeout_s
         self.clock_ms = clock_ms
+        # The naive mode reserves nothing, so it has nothing to reserve ahead.
+        self.pool = (CodePool(self, code_pool, on_refill=on_refill)
+                     if code_pool and reserve else None)
+        self._claim = client.register_script(CLAIM_LUA)
+        self._delete = client.register_script(DELETE_LUA)
 
     async def create(
         self,
@@ -226,7 +283,7 @@ class LinkStore:
         """The link for ``code`` (also when expired), in one round trip."""
         async with self._call("get"):
             raw = await self.client.get(link_key(code))
-        return None if raw is None else Link.from_json(code, raw)
+        return None if _not_a_link(raw) else Link.from_json(code, raw)
 
     async def use(self, link: Link) -> int:
         """Count one redirect of a max-visit link; returns the count so far."""
@@ -249,7 +306,7 @@ class LinkStore:
             pipe.execute_command("PFCOUNT", visitors_key(code))
             pipe.get(uses_key(code))
             raw, visits, unique, uses = await pipe.execute()
-        if raw is None:
+        if _not_a_link(raw):
             return None
 
         return LinkInfo(
@@ -262,13 +319,18 @@ class LinkStore:
     async def delete(self, code: str) -> bool:
         """Remove the link and its counters; tell every near cache. True if found."""
         async with self._call("delete"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.delete(link_key(code))
-            pipe.delete(visits_key(code), visitors_key(code), uses_key(code))
-            removed, _ = await pipe.execute()
+            removed = await self._delete(
+                keys=[link_key(code), visits_key(code), visitors_key(code),
+                      uses_key(code)],
+                args=[PLACEHOLDER_PREFIX])
             if removed:
                 await self.client.publish(INVALIDATION_CHANNEL, code)
         return bool(removed)
+
+    async def close(self) -> None:
+        """Give back the codes the pool reserved and did not use."""
+        if self.pool is not None:
+            await self.pool.close()
 
     async def ping(self) -> bool:
         try:
@@ -283,6 +345,19 @@ class LinkStore:
         self, link_for: Callable[[str], Link], keep_ms: int | None
     ) -> Created:
         began = time.perf_counter()
+        if self.pool is not None:
+            code = await self.pool.take()
+            if code is not None:
+                code_s = time.perf_counter() - began
+                link = link_for(code)
+                claimed, replicas = await self._write_claimed(
+                    code, link.to_json(), keep_ms, self.pool.placeholder)
+                if claimed:
+                    return Created(link, reused=False, attempts=1,
+                                   replicas=replicas, code_s=code_s)
+                # Its placeholder expired (or was removed by hand) before use.
+                log.warning("reserved code %s was gone before use", code)
+            began = time.perf_counter()
         for attempt in range(1, self.max_attempts + 1):
             link = link_for(new_code(self.code_length))
             reserved, replicas = await self._reserve(link.code, link.to_json(),
@@ -324,6 +399,25 @@ class LinkStore:
             reply, confirmed = await pipe.execute()
         return bool(reply), int(confirmed)
 
+    async def _write_claimed(
+        self, code: str, record: str, keep_ms: int | None, placeholder: str
+    ) -> tuple[bool, int | None]:
+        """Write the link over this pool's own placeholder (and nothing else);
+        like ``_reserve``, with replica acknowledgement when asked."""
+        args = [placeholder, record, "" if keep_ms is None else str(keep_ms)]
+        if not self.replicas_ack:
+            async with self._call("write the link"):
+                reply = await self._claim(keys=[link_key(code)], args=args)
+            return bool(reply), None
+        async with (
+            self._call("write the link and wait for replicas"),
+            self.client.pipeline(transaction=False) as pipe,
+        ):
+            pipe.eval(CLAIM_LUA, 1, link_key(code), *args)
+            pipe.wait(self.replicas_ack, self.replicas_timeout_ms)
+            reply, confirmed = await pipe.execute()
+        return bool(reply), int(confirmed)
+
     async def _find_by_target(self, url: str) -> Link | None:
         async with self._call("reuse lookup"):
             code = await self.client.get(target_key(url))
@@ -351,6 +445,124 @@ class LinkStore:
                 fix="check that Redis runs (`dslab lab status`); during a "
                 "failover, retry in a few seconds",
             ) from exc
+
+
+class CodePool:
+    """Codes reserved ahead, so that a create does not wait for a reservation.
+
+    A refill draws ``size`` random codes and reserves them in one pipeline of
+    ``SET key placeholder NX PX PLACEHOLDER_HOLD_MS``; the codes whose SET
+    succeeded are this process's until their placeholders expire. ``take``
+    hands them out (no Redis call while the pool is not empty) and starts the
+    next refill in the background when half are gone. The link is then
+    written over the placeholder by ``LinkStore._write_claimed``, which
+    refuses any other value: a code is never given to two links, also when a
+    placeholder expired in between.
+
+    Costs, said plainly: one placeholder key per pooled code; a process that
+    dies leaves up to ``size`` placeholders that free their codes only after
+    ``PLACEHOLDER_HOLD_MS`` (``close`` gives them back on a clean stop); and
+    in a small code space the pooled codes are taken, for everyone else,
+    before any link uses them.
+    """
+
+    def __init__(self, store: LinkStore, size: int, *,
+                 on_refill: Callable[[float, int], None] | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"a code pool needs a size of at least 1, not {size}")
+        self.store = store
+        self.size = size
+        # Unique to this pool: what its own placeholders hold.
+        self.placeholder = PLACEHOLDER_PREFIX + secrets.token_hex(8)
+        self.on_refill = on_refill  # (seconds, codes reserved) of each refill
+        self._codes: collections.deque[tuple[str, float]] = collections.deque()
+        self._refill: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    async def take(self) -> str | None:
+        """A code reserved for this process, or None when refills cannot find
+        free codes (the caller then draws and reserves one itself)."""
+        for _ in range(POOL_REFILLS_PER_TAKE + 1):
+            code = self._pop_fresh()
+            if code is not None:
+                if len(self._codes) < self.size // 2:
+                    self._start_refill()
+                return code
+            # Shared by every create that finds the pool empty; shielded, so a
+            # create whose client went away does not cancel it for the others.
+            await asyncio.shield(self._start_refill())
+        return None
+
+    async def close(self) -> None:
+        """Stop refilling and release every unused reservation."""
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                await self._refill
+        codes = [code for code, _ in self._codes]
+        self._codes.clear()
+        if not codes:
+            return
+        try:
+            async with self.store._call("release reserved codes"):
+                await asyncio.gather(*(
+                    self.store.client.eval(RELEASE_LUA, 1, link_key(code),
+                                           self.placeholder)
+                    for code in codes))
+        except StoreUnavailable as exc:
+            log.warning("%d reserved codes not released (they expire by "
+                        "themselves): %s", len(codes), exc)
+
+    def _pop_fresh(self) -> str | None:
+        """The oldest code still young enough to write a link over."""
+        young_s = PLACEHOLDER_HOLD_MS / 1000 / 2
+        while self._codes:
+            code, reserved_at = self._codes.popleft()
+            if time.monotonic() - reserved_at < young_s:
+                return code
+        return None
+
+    def _start_refill(self) -> asyncio.Task[None]:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.create_task(self._fill(), name="code-pool")
+            self._refill.add_done_callback(_log_refill_failure)
+        return self._refill
+
+    async def _fill(self) -> None:
+        began = time.perf_counter()
+        drawn = [new_code(self.store.code_length)
+                 for _ in range(self.size - len(self._codes))]
+        async with self.store._call("reserve codes ahead"):
+            pipe = self.store.client.pipeline(transaction=False)
+            for code in drawn:
+                pipe.set(link_key(code), self.placeholder, nx=True,
+                         px=PLACEHOLDER_HOLD_MS)
+            replies = await pipe.execute()
+        reserved_at = time.monotonic()
+        won = [code for code, reply in zip(drawn, replies, strict=True) if reply]
+        self._codes.extend((code, reserved_at) for code in won)
+        if self.on_refill is not None:
+            self.on_refill(time.perf_counter() - began, len(won))
+        log.debug("code pool refilled: %d of %d drawn codes reserved",
+                  len(won), len(drawn))
+
+
+def _log_refill_failure(task: asyncio.Task[None]) -> None:
+    """A background refill that failed: its error must not vanish; the next
+    take() tries again (and answers 503 if Redis is still away)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("code pool refill failed: %s", task.exception())
+
+
+def _not_a_link(raw: str | bytes | None) -> bool:
+    """Nothing stored, or a pool's placeholder for a code not yet used."""
+    if raw is None:
+        return True
+    if isinstance(raw, bytes):
+        return raw.startswith(PLACEHOLDER_PREFIX.encode())
+    return raw.startswith(PLACEHOLDER_PREFIX)
 
 
 def _optional_int(value: object) -> int | None:

@@ -253,3 +253,33 @@ async def test_code_generation_is_timed_apart_for_random_codes_only(
         text = await reply.text()
     assert "dslab_shortener_code_seconds_count 2.0" in text
     assert 'dslab_shortener_create_seconds_count 3.0' in text
+
+
+async def test_pooled_codes_404_until_used_and_are_released_on_stop(
+    start_shortener: StartServer, http: aiohttp.ClientSession, redis_client: Any
+) -> None:
+    """With the code pool (the default), codes reserved ahead redirect to
+    nothing (404), the refill shows on /metrics, and a clean stop gives the
+    unused codes back."""
+    server = await start_shortener(code_pool=16)
+    pool = server.shortener.store.pool
+    assert pool is not None
+    status, body, _ = await _create(http, server.url)
+    assert status == 201, body
+
+    pooled = [key.removeprefix("dslab:url:{").removesuffix("}")
+              async for key in redis_client.scan_iter(match="dslab:url:{*}")
+              if await redis_client.get(key) == pool.placeholder]
+    assert len(pooled) == 15
+    for code in pooled[:3]:
+        assert (await _get(http, f"{server.url}/{code}"))[0] == 404
+    async with http.get(f"{server.url}/metrics") as reply:
+        text = await reply.text()
+    assert "dslab_shortener_codes_reserved_total 16.0" in text
+    assert "dslab_shortener_code_refill_seconds_count 1.0" in text
+
+    await server.close()
+
+    for code in pooled:
+        assert await redis_client.get(f"dslab:url:{{{code}}}") is None
+    assert (await redis_client.get(f"dslab:url:{{{body['code']}}}")) is not None
