@@ -484,16 +484,17 @@ class CodePool:
     async def take(self) -> str | None:
         """A code reserved for this process, or None when refills cannot find
         free codes (the caller then draws and reserves one itself)."""
-        for _ in range(POOL_REFILLS_PER_TAKE + 1):
-            code = self._pop_fresh()
-            if code is not None:
-                if len(self._codes) < self.size // 2:
-                    self._start_refill()
-                return code
+        code = self._pop_fresh()
+        refills = 0
+        while code is None and refills < POOL_REFILLS_PER_TAKE:
             # Shared by every create that finds the pool empty; shielded, so a
             # create whose client went away does not cancel it for the others.
             await asyncio.shield(self._start_refill())
-        return None
+            refills += 1
+            code = self._pop_fresh()
+        if code is not None and len(self._codes) < self.size // 2:
+            self._start_refill()
+        return code
 
     async def close(self) -> None:
         """Stop refilling and release every unused reservation."""
