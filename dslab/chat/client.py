@@ -9,6 +9,11 @@ is acknowledged; until then it re-sends with the same ``cmid`` after every
 reconnect and after every ``unavailable`` error, which the server's
 idempotent append turns into one entry.
 
+The socket is ``dslab.chat.wsclient``'s lean WebSocket: each received frame
+is decoded and handled inside the event loop's read callback, with no reader
+task to wake (a load generator runs hundreds of these clients). Only the
+identity-token POST uses aiohttp.
+
 Guarantee (streams mode): ``received`` holds the room's messages in stream
 order without duplicates; anything retention removed in between is recorded
 in ``gaps``. In pubsub mode messages are kept as they come.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import uuid
@@ -28,7 +34,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 
-from dslab.chat import protocol
+from dslab.chat import protocol, wsclient
 from dslab.errors import DslabError
 
 log = logging.getLogger(__name__)
@@ -43,18 +49,17 @@ SEND_TIMEOUT_S = 15.0
 UNAVAILABLE_RETRY_S = 0.1
 # Pause before re-sending a rate-limited send: the bucket refills at 20/s.
 RATE_LIMITED_RETRY_S = 0.25
+# TCP connect plus the upgrade (and separately the token POST).
 CONNECT_TIMEOUT_S = 2.0
+# The server caps client frames at MAX_FRAME_BYTES; its own frames (a
+# message with its envelope) can be larger, never twice as large.
+MAX_SERVER_MESSAGE_BYTES = protocol.MAX_FRAME_BYTES * 2
 # A join answers with "joined" before any replay, so this is generous; past
 # it the server is stuck and the client moves on to the next one.
 JOIN_TIMEOUT_S = 5.0
 # Error codes a retry cannot fix.
 FINAL_ERRORS = frozenset({"bad_json", "bad_frame", "bad_field", "too_large",
                           "unknown_type", "not_joined", "too_many_connections"})
-
-
-# What ws.receive() returns once the socket is done.
-_SOCKET_ENDED = frozenset({aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
-                           aiohttp.WSMsgType.CLOSED})
 
 
 class SendRejected(DslabError):
@@ -135,7 +140,7 @@ class ChatClient:
         self.url: str | None = None
         self.joined = asyncio.Event()
         self._index = start_index
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: wsclient.LeanSocket | None = None
         self._pending: dict[str, _PendingSend] = {}
         self._task: asyncio.Task[None] | None = None
         self._count_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -205,63 +210,70 @@ class ChatClient:
             return  # the next join sets `retry`
         frame = {"type": "send", "room": self.room, "cmid": cmid, "text": text}
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await ws.send_json(frame)
+            ws.send_text(_dump(frame))
+            await ws.drain()
 
     # -- the connection loop --------------------------------------------------
 
     async def _run(self) -> None:
         backoff = self.backoff_first_s
-        async with aiohttp.ClientSession() as session:
-            while True:
-                url = self.urls[self._index % len(self.urls)]
-                try:
-                    await self._ensure_token(session, url)
-                    async with session.ws_connect(
-                        url, protocols=(protocol.SUBPROTOCOL,),
-                        timeout=aiohttp.ClientWSTimeout(ws_close=CONNECT_TIMEOUT_S),
-                        max_msg_size=protocol.MAX_FRAME_BYTES * 2,
-                    ) as ws:
-                        self._ws, self.url = ws, url
-                        await ws.send_json(self._join_frame())
-                        watchdog = asyncio.create_task(self._join_watchdog(ws))
-                        joins = self.joins
-                        try:
-                            await self._receive(ws)
-                        finally:
-                            if self.joins > joins:  # this server took us
-                                backoff = self.backoff_first_s
-                            watchdog.cancel()
-                        self.close_codes.append(ws.close_code)
-                except (aiohttp.ClientError, OSError, TimeoutError, _JoinFailed) as exc:
-                    log.debug("chat connection failed: %s %s", url, exc)
-                finally:
-                    self._ws = None
-                    self.joined.clear()
-                if not self.reconnect:
-                    return
-                self._index += 1
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-    async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Handle frames until the socket closes; the hot path of a load
-        generator, hence ``receive()`` rather than ``async for``."""
-        text, decode = aiohttp.WSMsgType.TEXT, protocol.decode_server_frame
         while True:
-            message = await ws.receive()
-            kind = message.type
-            if kind is text:
-                self._handle(decode(message.data))
-            elif kind in _SOCKET_ENDED:
+            url = self.urls[self._index % len(self.urls)]
+            try:
+                await self._ensure_token(url)
+                socket = await wsclient.connect(
+                    url, on_text=self._on_text, protocols=(protocol.SUBPROTOCOL,),
+                    timeout_s=CONNECT_TIMEOUT_S,
+                    max_message_bytes=MAX_SERVER_MESSAGE_BYTES)
+                joins = self.joins
+                try:
+                    self._ws, self.url = socket, url
+                    socket.send_text(_dump(self._join_frame()))
+                    await self._until_closed(socket)
+                finally:
+                    if self.joins > joins:  # this server took us
+                        backoff = self.backoff_first_s
+                self.close_codes.append(socket.close_code)
+            except (aiohttp.ClientError, OSError, TimeoutError, _JoinFailed) as exc:
+                log.debug("chat connection failed: %s %s", url, exc)
+            finally:
+                self._ws = None
+                self.joined.clear()
+            if not self.reconnect:
                 return
+            self._index += 1
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _ensure_token(self, session: aiohttp.ClientSession, url: str) -> None:
+    async def _until_closed(self, socket: wsclient.LeanSocket) -> None:
+        """Wait while frames are handled in the socket's read callback, until
+        the connection ends; raises what ``_handle`` raised (``_JoinFailed``).
+        Cancelled (``close()``), it sends a close frame and hangs up."""
+        watchdog = asyncio.create_task(self._join_watchdog(socket),
+                                       name=f"chat-join-watchdog:{self.user}")
+        try:
+            await asyncio.shield(socket.closed)
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            if not socket.closed.done():
+                socket.hang_up()
+                # One loop turn: the transport reports itself closed.
+                await asyncio.wait([socket.closed], timeout=wsclient.CLOSE_TIMEOUT_S)
+
+    def _on_text(self, raw: str) -> None:
+        """The socket's text callback: the hot path of a load generator."""
+        self._handle(protocol.decode_server_frame(raw))
+
+    async def _ensure_token(self, url: str) -> None:
         """Get an identity token once, from any server (they share a secret);
-        a server that answers 404 does not sign identities."""
+        a server that answers 404 does not sign identities. A session per
+        fetch: it happens once per client, or after a ``bad_token``."""
         if self._token is not None or self._unsigned:
             return
         token_url = _http_base(url) + "/token"
-        async with session.post(
+        async with aiohttp.ClientSession() as session, session.post(
             token_url, json={"user": self.user},
             timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S),
         ) as answer:
@@ -271,7 +283,7 @@ class ChatClient:
             answer.raise_for_status()
             self._token = str((await answer.json())["token"])
 
-    async def _join_watchdog(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _join_watchdog(self, socket: wsclient.LeanSocket) -> None:
         """A join the server never answers must not hang the client: give up on
         this connection after JOIN_TIMEOUT_S and try the next server."""
         try:
@@ -279,7 +291,7 @@ class ChatClient:
                 await self.joined.wait()
         except TimeoutError:
             log.debug("join not answered in %.0f s: %s", JOIN_TIMEOUT_S, self.url)
-            await ws.close()
+            await socket.close()
 
     def _join_frame(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "join", "room": self.room, "user": self.user}
@@ -358,6 +370,10 @@ class ChatClient:
         for count, reached in self._count_waiters:
             if len(self.received) >= count and not reached.done():
                 reached.set_result(None)
+
+
+def _dump(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def _ws_url(url: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.exceptions
 
 from dslab.chat.store import ChatStore, log_key
 from dslab.chat.worker import (
@@ -63,8 +64,12 @@ def start_worker(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Any]:
 
 
 async def has_pending(redis_client: Any, consumer: str) -> bool:
-    rows = await redis_client.xpending_range(
-        log_key("r"), WORKER_GROUP, min="-", max="+", count=1000)
+    try:
+        rows = await redis_client.xpending_range(
+            log_key("r"), WORKER_GROUP, min="-", max="+", count=1000)
+    except redis.exceptions.ResponseError as exc:  # the worker has not yet
+        assert "NOGROUP" in str(exc)  # created its group: "ready" comes first
+        return False
     return any(row["consumer"] == consumer for row in rows)
 
 
