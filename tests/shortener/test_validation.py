@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,8 @@ from hypothesis.provisional import urls
 
 from dslab.errors import UsageError
 from dslab.shortener.validation import (
+    ASCII_INVISIBLE,
+    REFUSED_CATEGORIES,
     InvalidAlias,
     InvalidURL,
     validate_alias,
@@ -176,3 +180,24 @@ def test_bad_aliases_are_refused(alias: str) -> None:
     """Too short, too long, outside the charset, or reserved: InvalidAlias."""
     with pytest.raises(InvalidAlias):
         validate_alias(alias)
+
+
+def test_the_ascii_scan_refuses_exactly_what_the_unicode_rule_refuses() -> None:
+    """The fast path for ASCII URLs (one regex scan) matches, character by
+    character, the rule applied to every other URL."""
+    for code in range(128):
+        char = chr(code)
+        by_rule = char.isspace() or unicodedata.category(char) in REFUSED_CATEGORIES
+        assert bool(ASCII_INVISIBLE.fullmatch(char)) == by_rule, hex(code)
+
+
+def test_a_remembered_host_is_still_refused_or_accepted_the_same_way() -> None:
+    """The per-process cache of normalised hosts keeps every verdict: the
+    second call refuses or accepts exactly like the first."""
+    for _ in range(2):
+        assert validate_url("https://Bücher.example/x") == \
+            "https://xn--bcher-kva.example/x"
+        with pytest.raises(InvalidURL):
+            validate_url("https://127.0.0.1/x")
+        assert validate_url("https://127.0.0.1/x", allow_private=True) == \
+            "https://127.0.0.1/x"
