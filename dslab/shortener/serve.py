@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 WORKER_READY_TIMEOUT_S = 30.0  # spawning re-imports dslab; slow on a busy box
 WORKER_STOP_TIMEOUT_S = 10.0  # time for a worker to flush visits and close
 MAX_WORKERS = 64
-# Past this a refill is a pipeline long enough to be noticed by everyone else
-# on the Redis, and a dead worker strands that many codes.
+# Past this one refill's script holds Redis long enough for everyone else to
+# notice, and a dead worker strands that many codes.
 MAX_CODE_POOL = 10_000
 
 

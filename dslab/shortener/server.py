@@ -167,8 +167,8 @@ class Metrics:
         )
         self.code_refill_seconds = Histogram(
             "dslab_shortener_code_refill_seconds",
-            "Time of one code-pool refill (a pipeline of SET NX), off the "
-            "create's path",
+            "Time of one code-pool refill (SET NX of every drawn code in one "
+            "call), off the create's path",
             buckets=LATENCY_BUCKETS_S, registry=self.registry,
         )
         self.codes_reserved = Counter(

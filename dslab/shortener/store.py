@@ -79,8 +79,8 @@ PLACEHOLDER_PREFIX = "reserved:"
 # A placeholder left behind by a process that died frees its code after this;
 # a live pool hands a code out only in the first half of it.
 PLACEHOLDER_HOLD_MS = 10 * 60 * 1000
-# Codes a server worker reserves ahead: a refill is one pipeline of this many
-# SET NX, about 1 ms, and lasts 32 creates before the next one starts.
+# Codes a server worker reserves ahead: a refill is one script call of this
+# many SET NX (about 1 ms measured), and the next one starts after 32 creates.
 DEFAULT_CODE_POOL = 64
 # Refills one take() may wait for before it falls back to drawing and
 # reserving a code itself (the pool cannot fill: the space is nearly full).
@@ -558,7 +558,6 @@ class CodePool:
             self.on_refill(time.perf_counter() - began, len(won))
         log.debug("code pool refilled: %d of %d drawn codes reserved",
                   len(won), len(drawn))
-
 
     async def _reserve(self, drawn: list[str]) -> list[str]:
         """SET NX every drawn code with this pool's placeholder; the won ones.

@@ -9,8 +9,11 @@ import sys
 from typing import Any
 
 import aiohttp
+import pytest
 
+from dslab.errors import UsageError
 from dslab.settings import RedisTarget
+from dslab.shortener.serve import parse_args
 from dslab.shortener.store import visits_key
 
 READY_LINE = re.compile(r"shortener ready: (http://127\.0\.0\.1:\d+) \(workers=2\)")
@@ -63,3 +66,15 @@ async def test_two_workers_serve_and_sigterm_flushes_and_stops(
 
     assert returncode == 0
     assert int(await redis_client.get(visits_key(code)) or 0) == 10
+
+
+def test_code_pool_option_reaches_the_config_and_refuses_nonsense() -> None:
+    """--code-pool N sets each worker's pool; a negative size is a usage
+    error (exit 2) that says the default."""
+    options = parse_args(["--redis", "redis://127.0.0.1:7000", "--code-pool", "8"])
+    assert options.config.code_pool == 8
+    assert parse_args(["--redis", "redis://127.0.0.1:7000"]).config.code_pool == 64
+
+    with pytest.raises(UsageError) as refused:
+        parse_args(["--redis", "redis://127.0.0.1:7000", "--code-pool", "-1"])
+    assert refused.value.exit_code == 2 and "64" in str(refused.value.fix)
