@@ -34,7 +34,7 @@ def start_worker(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Any]:
     """Factory of worker processes; every one is killed after the test."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, *rooms: str) -> subprocess.Popen[bytes]:
+    def start(name: str, *rooms: str, work_ms: int = 10) -> subprocess.Popen[bytes]:
         log = tmp_path / f"{name}.log"
         room_args = ["--room", "r"] if not rooms else [
             arg for room in rooms for arg in ("--room", room)]
@@ -42,7 +42,7 @@ def start_worker(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Any]:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dslab.chat.worker", "--redis",
                  redis_target.url(with_password=True), *room_args,
-                 "--name", name, "--work-ms", "10"],
+                 "--name", name, "--work-ms", str(work_ms)],
                 stdout=subprocess.DEVNULL, stderr=handle,
                 cwd=Path(__file__).parents[2],
             )
@@ -130,7 +130,9 @@ async def test_ctrl_c_stops_a_worker_in_the_middle_and_loses_nothing(
     chat_store = ChatStore(redis_client)
     for n in range(MESSAGES):
         await chat_store.append("r", "ana", f"c{n}", f"plain #{n}")
-    stopped = start_worker("w1")
+    # 300 ms a message: a batch of 10 takes 3 s, so the signal lands in it
+    # even on a loaded machine, and the stop must not wait for its end.
+    stopped = start_worker("w1", work_ms=300)
     async with asyncio.timeout(WAIT_S):
         while not await has_pending(redis_client, "w1"):
             await asyncio.sleep(0.01)
