@@ -243,7 +243,6 @@ class LinkStore:
         # The naive mode reserves nothing, so it has nothing to reserve ahead.
         self.pool = (CodePool(self, code_pool, on_refill=on_refill)
                      if code_pool and reserve else None)
-        self._claim = client.register_script(CLAIM_LUA)
         self._delete = client.register_script(DELETE_LUA)
         self._reserve_many = client.register_script(RESERVE_MANY_LUA)
 
@@ -395,39 +394,36 @@ class LinkStore:
     ) -> tuple[bool, int | None]:
         """Whether ``code`` was reserved, and (with replica acknowledgement)
         how many replicas confirmed the write."""
-        if not self.replicas_ack:
-            async with self._call("reserve"):
-                # nx=False is the naive mode: SET replaces whatever was there.
-                reply = await self.client.set(link_key(code), record, nx=nx,
-                                              px=keep_ms)
-            return bool(reply), None
-
-        # WAIT counts the writes of its own connection, so the SET and the WAIT
-        # travel together in one pipeline (one connection).
-        async with (
-            self._call("reserve and wait for replicas"),
-            self.client.pipeline(transaction=False) as pipe,
-        ):
-            pipe.set(link_key(code), record, nx=nx, px=keep_ms)
-            pipe.wait(self.replicas_ack, self.replicas_timeout_ms)
-            reply, confirmed = await pipe.execute()
-        return bool(reply), int(confirmed)
+        # nx=False is the naive mode: SET replaces whatever was there.
+        return await self._write("reserve", lambda target: target.set(
+            link_key(code), record, nx=nx, px=keep_ms))
 
     async def _write_claimed(
         self, code: str, record: str, keep_ms: int | None, placeholder: str
     ) -> tuple[bool, int | None]:
-        """Write the link over this pool's own placeholder (and nothing else);
-        like ``_reserve``, with replica acknowledgement when asked."""
+        """Write the link over this pool's own placeholder (and nothing else)."""
         args = [placeholder, record, "" if keep_ms is None else str(keep_ms)]
+        # EVAL, not a registered script: it also goes into the WAIT pipeline,
+        # where redis-py would check SCRIPT EXISTS on every execute.
+        return await self._write("write the link", lambda target: target.eval(
+            CLAIM_LUA, 1, link_key(code), *args))
+
+    async def _write(
+        self, what: str, issue: Callable[[Any], Any]
+    ) -> tuple[bool, int | None]:
+        """Send the one write ``issue`` makes on a client or pipeline; with
+        replica acknowledgement, WAIT for it. Returns whether the write took
+        effect and how many replicas confirmed it (None without WAIT)."""
         if not self.replicas_ack:
-            async with self._call("write the link"):
-                reply = await self._claim(keys=[link_key(code)], args=args)
-            return bool(reply), None
+            async with self._call(what):
+                return bool(await issue(self.client)), None
+        # WAIT counts the writes of its own connection, so the write and the
+        # WAIT travel together in one pipeline (one connection).
         async with (
-            self._call("write the link and wait for replicas"),
+            self._call(f"{what} and wait for replicas"),
             self.client.pipeline(transaction=False) as pipe,
         ):
-            pipe.eval(CLAIM_LUA, 1, link_key(code), *args)
+            issue(pipe)
             pipe.wait(self.replicas_ack, self.replicas_timeout_ms)
             reply, confirmed = await pipe.execute()
         return bool(reply), int(confirmed)
