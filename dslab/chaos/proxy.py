@@ -75,6 +75,10 @@ QUEUE_CHUNKS = 64
 # The bandwidth limit allows bursts of this much time's worth of bytes, so a
 # slow rate still moves data in small, regular steps.
 BURST_S = 0.05
+# Each write under the limit is this fraction of a burst: the bucket keeps
+# room for the rest, so a wake-up that comes late (a busy machine) finds the
+# tokens it missed still there instead of losing them to the bucket's cap.
+STEP_OF_BURST = 4
 # A node that does not accept within this time counts as down: the client's
 # connection is reset, as it would be by the node itself.
 UPSTREAM_CONNECT_TIMEOUT_S = 2.0
@@ -349,6 +353,20 @@ class _TokenBucket:
 
     def burst(self, rate: int) -> int:
         return max(1, int(rate * BURST_S))
+
+    def step(self, rate: int) -> int:
+        return max(1, self.burst(rate) // STEP_OF_BURST)
+
+    def take(self, rate: int, want: int, now: float) -> tuple[int, float]:
+        """Grant up to one step of ``want`` bytes at ``now``: (bytes, 0.0), or
+        (0, seconds until that step's tokens are there)."""
+        size = min(want, self.step(rate))
+        self.refill(rate, now)
+        missing = size - self.tokens
+        if missing > 1e-6:  # not a rounding error's worth short
+            return 0, missing / rate
+        self.tokens -= size
+        return size, 0.0
 
     def refill(self, rate: int, now: float) -> None:
         if rate != self.rate:
@@ -665,12 +683,10 @@ class FaultProxy:
             rate = self._faults_for(link, direction).bandwidth_bytes_per_s
             size = len(view)
             if rate is not None:
-                size = min(size, bucket.burst(rate))
-                bucket.refill(rate, loop.time())
-                if bucket.tokens < size:
-                    await self._wait_for_change((size - bucket.tokens) / rate)
+                size, wait_s = bucket.take(rate, size, loop.time())
+                if not size:
+                    await self._wait_for_change(wait_s)
                     continue  # the rate may have changed while we waited
-                bucket.tokens -= size
 
             sink.write(view[:size])
             await sink.drain()

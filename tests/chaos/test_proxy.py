@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -28,11 +29,13 @@ from redis.retry import Retry
 
 from dslab.chaos.proxy import (
     BURST_S,
+    CHUNK_BYTES,
     Direction,
     FaultProxy,
     Faults,
     ProxyControl,
     ProxyUnreachable,
+    _TokenBucket,
     main,
 )
 from dslab.errors import EXIT_USAGE, UsageError
@@ -269,6 +272,45 @@ async def test_bandwidth_limit_spreads_transfer_over_time(
     assert elapsed >= (size - rate * BURST_S) / rate
 
 
+@pytest.mark.parametrize("late_s", [0.0, 0.002, 0.010, 0.030])
+def test_bucket_keeps_its_rate_when_every_wake_up_is_late(late_s: float) -> None:
+    """Simulated time: the writer wakes ``late_s`` after each wait it was
+    given, as on a busy machine. Up to most of a burst of lateness, the tokens
+    it missed are still in the bucket, so the rate holds."""
+    rate = 100_000
+    bucket = _TokenBucket()
+    now = sent = 0.0
+    while now < 10.0:
+        size, wait_s = bucket.take(rate, CHUNK_BYTES, now)
+        sent += size
+        if not size:
+            now += wait_s + late_s
+    assert sent / now >= 0.99 * rate
+    assert sent <= rate * (now + BURST_S)  # never more than rate plus a burst
+
+
+@pytest.mark.timeout(60)
+async def test_bandwidth_limit_holds_its_rate_within_ten_percent(
+    echo_proxy: FaultProxy,
+) -> None:
+    """The rate a limited transfer gets, after the first burst, is the rate
+    asked for within 10 % (median of three 1.5 s transfers): wake-ups that
+    come late must not cost throughput."""
+    rate = 100_000
+    size = 150_000 + int(rate * BURST_S)
+    echo_proxy.set_faults(Direction.DOWNSTREAM, Faults(bandwidth_bytes_per_s=rate))
+    reader, writer = await _connect(echo_proxy)
+    rates = []
+    for _ in range(3):
+        started = time.monotonic()
+        assert await _round_trip(reader, writer, b"r" * size) == b"r" * size
+        rates.append((size - rate * BURST_S) / (time.monotonic() - started))
+        await asyncio.sleep(BURST_S * 2)  # the bucket fills up again
+    await _close(writer)
+
+    assert abs(statistics.median(rates) - rate) <= 0.10 * rate, rates
+
+
 async def _reset_pattern(
     upstream: tuple[str, int], seed: int, connections: int
 ) -> list[bool]:
@@ -340,6 +382,29 @@ async def test_redis_latency_adds_at_least_the_configured_delay(
             await client.aclose()
 
     assert elapsed >= 0.150
+
+
+@pytest.mark.timeout(60)
+async def test_redis_latency_is_the_configured_delay_within_ten_percent(
+    start_lab: StartLab,
+) -> None:
+    """A PING through 150 ms of upstream latency takes 150 ms plus the PING
+    itself: the median of nine is within 10 % of what was asked."""
+    async with FaultProxy(_redis_address(start_lab)) as proxy:
+        client = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        try:
+            await client.ping()
+            proxy.set_faults(Direction.UPSTREAM, Faults(latency_ms=150))
+            took = []
+            for _ in range(9):
+                started = time.monotonic()
+                await client.ping()
+                took.append(time.monotonic() - started)
+        finally:
+            await client.aclose()
+
+    assert min(took) >= 0.150, took
+    assert statistics.median(took) <= 0.165, took
 
 
 async def test_redis_blackhole_times_client_out_and_clear_restores(
