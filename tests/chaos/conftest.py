@@ -5,13 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from dslab.chaos.journal import HEALED, Fault, Journal
 from dslab.chaos.proxy import FaultProxy
 
 # Seed shared by the proxy fixtures, so a failing run can be repeated.
 PROXY_SEED = 20240601
+# A `--for` fault's detached healer wakes at the fault's `until`; it may be
+# this much later on a loaded machine (its process start, the journal lock).
+HEALER_SLACK_S = 3.0
+
+
+def healed_after(home: Path, fault: Fault) -> float:
+    """Seconds from a fault's application to its heal event in the journal."""
+    for event in Journal(home).events():
+        if event["event"] == HEALED and event["id"] == fault.id:
+            return float(event["at"]) - fault.started_at
+    raise AssertionError(f"fault {fault.id} has no heal event in the journal")
+
+
+def assert_healed_on_time(home: Path, fault: Fault, duration_s: float) -> None:
+    """Healed by its timer: not before ``duration_s``, and not much after."""
+    took = healed_after(home, fault)
+    assert duration_s <= took <= duration_s + HEALER_SLACK_S, (
+        f"{fault.id} ({fault.kind}) for {duration_s} s was healed after {took:.2f} s")
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

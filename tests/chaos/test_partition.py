@@ -25,6 +25,7 @@ from dslab.lab import netns, probe
 from dslab.lab.lab import Lab
 from dslab.lab.netns import LabNetwork, NodeLink
 from dslab.settings import LabSettings, Persistence, Topology
+from tests.chaos.conftest import assert_healed_on_time
 from tests.conftest import StartLab
 from tests.helpers import eventually, run_dslab
 from tests.lab.test_netns import NetnsLab, needs_netns, netns_lab, traces_of
@@ -373,6 +374,7 @@ def test_a_partition_for_a_while_heals_itself(netns_lab: NetnsLab) -> None:
     eventually(lambda: netns.list_tables(namespace) == [], timeout_s=15.0,
                poll_s=0.2)
     assert outcome.fault.id in Journal(lab.home).healed_ids()
+    assert_healed_on_time(lab.home, outcome.fault, 1.0)
     assert host_pings(lab, "redis-1")
 
 

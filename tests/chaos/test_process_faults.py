@@ -21,6 +21,7 @@ from dslab.errors import LabError, LabNotRunning, UsageError
 from dslab.lab.lab import Lab
 from dslab.lab.state import ProcessRecord
 from dslab.settings import LabSettings, Topology
+from tests.chaos.conftest import assert_healed_on_time
 from tests.conftest import StartLab
 from tests.helpers import eventually
 
@@ -131,6 +132,7 @@ def test_pause_for_heals_itself_in_a_detached_healer(start_lab: StartLab) -> Non
     assert outcome.fault.until is not None
     eventually(lambda: _node_answers(node), timeout_s=HEAL_WAIT_S)
     eventually(lambda: not Journal(lab.home).active_faults(), timeout_s=HEAL_WAIT_S)
+    assert_healed_on_time(lab.home, outcome.fault, 0.5)
 
 
 def test_targets_on_a_standalone_lab(start_lab: StartLab) -> None:
