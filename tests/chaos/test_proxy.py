@@ -39,6 +39,7 @@ from dslab.chaos.proxy import (
     main,
 )
 from dslab.errors import EXIT_USAGE, UsageError
+from dslab.settings import Topology
 from tests.chaos.conftest import PROXY_SEED
 from tests.conftest import StartLab
 
@@ -407,21 +408,31 @@ async def test_redis_latency_is_the_configured_delay_within_ten_percent(
     assert statistics.median(took) <= 0.165, took
 
 
-async def test_redis_blackhole_times_client_out_and_clear_restores(
+async def test_redis_blackhole_times_client_out_while_another_node_answers(
     start_lab: StartLab,
 ) -> None:
-    """A blackholed Redis times the client out; after clear PING works again."""
-    async with FaultProxy(_redis_address(start_lab)) as proxy:
-        proxy.set_faults(None, Faults(blackhole=True))
-        silenced = _async_client(proxy, socket_timeout=SILENCE_S)
+    """A proxy in front of each of two nodes: the blackholed one times its
+    client out while the other node answers at the same time; after clear the
+    first answers again."""
+    lab = start_lab(Topology.REPLICATED)
+    first, second = lab.node("redis-1"), lab.node("redis-2")
+    async with FaultProxy((first.host, first.port)) as cut, \
+            FaultProxy((second.host, second.port)) as spared:
+        cut.set_faults(None, Faults(blackhole=True))
+        silenced = _async_client(cut, socket_timeout=SILENCE_S * 2)
+        other = _async_client(spared, socket_timeout=STEP_TIMEOUT_S)
         try:
+            waiting = asyncio.create_task(silenced.ping())
+            assert await other.ping() is True  # while the first one hangs
+            assert not waiting.done()
             with pytest.raises(redis.TimeoutError):
-                await silenced.ping()
+                await waiting
         finally:
             await silenced.aclose()
+            await other.aclose()
 
-        proxy.clear()
-        healed = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
+        cut.clear()
+        healed = _async_client(cut, socket_timeout=STEP_TIMEOUT_S)
         try:
             assert await healed.ping() is True
         finally:
