@@ -61,6 +61,7 @@ from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from dslab.errors import DslabError, EnvironmentProblem, UsageError
 
@@ -735,6 +736,28 @@ def _error_response(error: DslabError) -> web.Response:
     return web.json_response(body, status=400)
 
 
+@web.middleware
+async def _refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A handler refuses by raising DslabError: the client gets a 400 that
+    says what is wrong and how to fix it, and nothing is applied."""
+    try:
+        return await handler(request)
+    except DslabError as error:
+        return _error_response(error)
+
+
+async def _json_object(request: web.Request, example: str) -> dict[str, Any]:
+    """The request's body as a JSON object, or a refusal showing ``example``."""
+    fix = f"send for example {example}"
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError("the body is not JSON", fix=fix) from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object", fix=fix)
+    return body
+
+
 def control_app(proxy: FaultProxy) -> web.Application:
     """The HTTP control API of ``proxy``; every answer is JSON."""
 
@@ -742,26 +765,17 @@ def control_app(proxy: FaultProxy) -> web.Application:
         return web.json_response(_faults_body(proxy))
 
     async def put_faults(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error_response(UsageError("the body is not JSON"))
-        try:
-            if not isinstance(body, dict) or not body:
-                raise UsageError(
-                    "the body must name directions",
-                    fix='send for example {"upstream": {"latency_ms": 100}}',
-                )
-            wanted = [
-                (parse_directions(name), Faults.from_dict(value))
-                for name, value in body.items()
-            ]
-        except DslabError as error:
-            return _error_response(error)
+        example = '{"upstream": {"latency_ms": 100}}'
+        body = await _json_object(request, example)
+        if not body:
+            raise UsageError("the body must name directions",
+                             fix=f"send for example {example}")
+        # Every direction is checked before any is set: all or nothing.
+        wanted = [(parse_directions(name), Faults.from_dict(value))
+                  for name, value in body.items()]
         for directions, faults in wanted:
             for chosen in directions:
                 proxy.set_faults(chosen, faults)
-
         return web.json_response(_faults_body(proxy))
 
     async def delete_faults(request: web.Request) -> web.Response:
@@ -775,29 +789,19 @@ def control_app(proxy: FaultProxy) -> web.Application:
         return web.json_response(_cuts_body(proxy))
 
     async def put_cut(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error_response(UsageError("the body is not JSON"))
-        try:
-            if not isinstance(body, dict) or set(body) != {"sources"}:
-                raise UsageError(
-                    "the body must hold exactly the cut's sources",
-                    fix='send for example {"sources": ["127.0.0.11"]}',
-                )
-            proxy.set_cut(request.match_info["name"], body["sources"])
-        except DslabError as error:
-            return _error_response(error)
+        example = '{"sources": ["127.0.0.11"]}'
+        body = await _json_object(request, example)
+        if set(body) != {"sources"}:
+            raise UsageError("the body must hold exactly the cut's sources",
+                             fix=f"send for example {example}")
+        proxy.set_cut(request.match_info["name"], body["sources"])
         return web.json_response(_cuts_body(proxy))
 
     async def delete_cut(request: web.Request) -> web.Response:
-        try:
-            removed = proxy.remove_cut(request.match_info["name"])
-        except DslabError as error:
-            return _error_response(error)
+        removed = proxy.remove_cut(request.match_info["name"])
         return web.json_response({"removed": removed, **_cuts_body(proxy)})
 
-    app = web.Application()
+    app = web.Application(middlewares=[_refusals])
     app.router.add_get("/faults", get_faults)
     app.router.add_put("/faults", put_faults)
     app.router.add_delete("/faults", delete_faults)

@@ -526,23 +526,39 @@ def test_control_api_from_another_process_and_sigterm_stops_it(
     assert process.wait(timeout=READY_TIMEOUT_S) == 0
 
 
-def test_control_api_answers_bad_faults_with_400(
+@pytest.mark.parametrize(("path", "body", "error"), [
+    ("/faults", b'{"upstream": {"latency": 5}}', "unknown fault"),
+    ("/faults", b"latency_ms=5", "not JSON"),
+    ("/faults", b'["upstream"]', "JSON object"),
+    ("/faults", b"{}", "name directions"),
+    ("/faults", b'{"sideways": {"latency_ms": 5}}', "sideways"),
+    # One good direction beside a bad one: neither is applied.
+    ("/faults", b'{"upstream": {"latency_ms": 5}, "downstream": {"x": 1}}',
+     "unknown fault"),
+    ("/cuts/f1", b'{"source": ["127.0.0.11"]}', "exactly the cut's sources"),
+    ("/cuts/f1", b'{"sources": ["not-an-ip"]}', "not-an-ip"),
+])
+def test_control_api_answers_bad_requests_with_400_and_applies_nothing(
     proxy_process: tuple[subprocess.Popen[str], dict[str, object]],
+    path: str, body: bytes, error: str,
 ) -> None:
-    """A PUT with an unknown fault name is refused with 400 and a reason."""
+    """Each refusal is a 400 whose JSON names the problem and a fix, and the
+    proxy's faults and cuts are as before."""
     _, ready = proxy_process
-    request = urllib.request.Request(
-        f"{ready['control']}/faults",
-        data=json.dumps({"upstream": {"latency": 5}}).encode(),
-        method="PUT",
-    )
+    control = ProxyControl(str(ready["control"]))
+    before = (control.faults(), control.cuts())
+    request = urllib.request.Request(f"{ready['control']}{path}", data=body,
+                                     method="PUT")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     with pytest.raises(urllib.error.HTTPError) as raised:
         opener.open(request, timeout=STEP_TIMEOUT_S)
 
     assert raised.value.code == 400
-    assert "unknown fault" in json.loads(raised.value.read())["error"]
+    answer = json.loads(raised.value.read())
+    assert error in answer["error"], answer
+    assert answer["fix"], answer
+    assert (control.faults(), control.cuts()) == before
 
 
 def test_control_client_reports_unreachable_proxy(
