@@ -387,6 +387,12 @@ def _ws_url(url: str) -> str:
     return url
 
 
+def http_url(url: str) -> str:
+    """A chat server's HTTP base (``http://host:port``) from any form of its
+    URL that the client accepts."""
+    return _http_base(_ws_url(url))
+
+
 def _http_base(ws_url: str) -> str:
     """``ws://host:port/ws`` -> ``http://host:port``."""
     base = ws_url.removesuffix("/").removesuffix("/ws")

@@ -34,6 +34,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -131,6 +132,9 @@ class ChatMetrics:
         self.slow_consumers = Counter("dslab_chat_slow_consumer_disconnects",
                                       "sockets closed for falling behind",
                                       registry=self.registry)
+        # process_cpu_seconds_total and friends: `dslab chat bench` reads the
+        # CPU a server used during its load from them.
+        ProcessCollector(registry=self.registry)
 
 
 class ChatServer:

@@ -304,6 +304,21 @@ def _print_summary(result: load.ChatResult, histograms: dict[str, Any],
         ratio = deliver.percentile_us(99.0) / max(floor.percentile_us(99.0), 1)
         console.print(f"deliver p99 is {ratio:.1f}x the Redis XADD->XREAD floor "
                       f"p99 ({floor.percentile_us(99.0) / 1000:.2f} ms) of this run")
+    if result.cpu is not None:
+        console.print(_cpu_line(result.cpu))
     for line in result.notes:
         console.print(f"note: {line}")
     console.print(f"run file: {path}")
+
+
+def _cpu_line(cpu: load.CpuUse) -> str:
+    """CPU seconds, and cores' worth over the load, of both sides."""
+    def used(seconds: float) -> str:
+        return f"{seconds:.1f} s ({seconds / max(cpu.window_s, 1e-9):.2f} of a core)"
+
+    servers = ("unknown" if cpu.servers_s is None
+               else used(cpu.servers_s) + (
+                   "" if cpu.servers_measured == cpu.servers_total
+                   else f", {cpu.servers_measured} of {cpu.servers_total} servers"))
+    return (f"CPU over the {cpu.window_s:.1f} s of load: chat servers {servers}, "
+            f"load generator {used(cpu.generator_s)}")

@@ -51,8 +51,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
 from dslab.chaos.journal import APPLIED, HEALED, Journal
-from dslab.chat.client import ChatClient, Message, SendRejected
+from dslab.chat.client import ChatClient, Message, SendRejected, http_url
 from dslab.errors import EnvironmentProblem, UsageError
 from dslab.redisconn import async_client
 from dslab.report.histogram import LatencyHistogram
@@ -108,6 +111,12 @@ FLOOR_INTERVAL_S = 0.02
 FLOOR_BLOCK_MS = 200
 # The floor probe gets this long to stop before it is abandoned.
 FLOOR_STOP_TIMEOUT_S = 5.0
+# A server's /metrics, read before and after the load for its CPU, must answer
+# within this; one that does not is left out of the CPU figure.
+METRICS_TIMEOUT_S = 5.0
+# The counter a server exports (prometheus_client's process collector) for the
+# CPU seconds its process has used.
+CPU_METRIC = "process_cpu_seconds_total"
 
 DELIVER = "deliver"
 ACK = "ack"
@@ -228,6 +237,7 @@ class ShardResult:
     gaps: list[tuple[str, str, float, float]]
     reconnects: int
     send_lag: str  # encoded histogram: how late the generator itself sent
+    cpu_s: float = 0.0  # this process's CPU seconds while it sent its timetable
 
 
 class _User:
@@ -401,14 +411,14 @@ class _Shard:
 
         return left_at
 
-    def result(self, left_at: float) -> ShardResult:
+    def result(self, left_at: float, cpu_s: float) -> ShardResult:
         return ShardResult(
             sends=self.sends, deliveries=self.deliveries,
             memberships=[(u.room, u.name, u.joined_at or left_at, left_at)
                          for u in self.users],
             gaps=self.gaps,
             reconnects=sum(max(0, u.client.joins - 1) for u in self.users),
-            send_lag=self.send_lag.encode(),
+            send_lag=self.send_lag.encode(), cpu_s=cpu_s,
         )
 
 
@@ -439,7 +449,9 @@ async def _shard_main(plan: ChatPlan, shard: int, channel: Connection,
         message, started_at = await asyncio.to_thread(channel.recv)
         if message != "start":
             return None
+        cpu_began = time.process_time()
         await users.run(float(started_at))
+        cpu_s = time.process_time() - cpu_began
         channel.send(("sent", users.acked_per_room()))
         message, expected = await asyncio.to_thread(channel.recv)
         if message != "drain":
@@ -448,7 +460,7 @@ async def _shard_main(plan: ChatPlan, shard: int, channel: Connection,
     finally:
         await users.close()
 
-    return users.result(left_at)
+    return users.result(left_at, cpu_s)
 
 
 # -- the Redis floor: the same clock, no chat server ---------------------------
@@ -526,6 +538,34 @@ class Progress:
     p99_ms: float
 
 
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds used while the load ran: from its start until every send
+    was answered (``window_s``)."""
+
+    window_s: float
+    generator_s: float  # every load-generator process, the parent included
+    servers_s: float | None  # the servers', from their /metrics; None: none said
+    servers_measured: int  # how many servers' figures are in ``servers_s``
+    servers_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        def cores(seconds: float | None) -> float | None:
+            if seconds is None or self.window_s <= 0:
+                return None
+            return round(seconds / self.window_s, 3)
+
+        return {
+            "window_s": round(self.window_s, 3),
+            "generator_s": round(self.generator_s, 3),
+            "generator_cores": cores(self.generator_s),
+            "servers_s": None if self.servers_s is None else round(self.servers_s, 3),
+            "servers_cores": cores(self.servers_s),
+            "servers_measured": self.servers_measured,
+            "servers_total": self.servers_total,
+        }
+
+
 @dataclass
 class ChatResult:
     """The merged measurements and the checker's verdict of one run."""
@@ -541,6 +581,7 @@ class ChatResult:
     measured_from: float  # time.monotonic() when the measured window began
     wall_measured_from: float  # the same instant in time.time()
     wall_ended: float
+    cpu: CpuUse | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -553,6 +594,8 @@ class ChatResult:
         verdict["reconnects"] = self.reconnects
         verdict["send_lag_p99_ms"] = self.send_lag.percentile_us(99.0) / 1000
         verdict["generator_saturated"] = self.generator_late
+        if self.cpu is not None:
+            verdict["cpu"] = self.cpu.to_dict()
         return RunFile.from_recorder(meta, self.recorder, faults=list(faults),
                                      verdict=verdict)
 
@@ -576,6 +619,8 @@ async def run_chat_load(
     ) as shards:
         await await_all(shards, "ready", time.monotonic() + READY_TIMEOUT_S + 10,
                         what="chat load generator", fix=fix)
+        servers_cpu_before = await read_servers_cpu(plan.servers)
+        own_cpu_before = time.process_time()
         wall_started = time.time() + START_DELAY_S
         started_at = start_all(shards, START_DELAY_S)
         log.debug("chat load started: %d users at %g/s", plan.users, plan.rate_per_s)
@@ -592,6 +637,9 @@ async def run_chat_load(
             ends = started_at + plan.warmup_s + plan.duration_s + SEND_TIMEOUT_S + 30
             await await_all(shards, "sent", ends, what="chat load generator",
                             fix=fix, on_tick=tick)
+            window_s = time.monotonic() - started_at
+            own_cpu_s = time.process_time() - own_cpu_before
+            servers_cpu_after = await read_servers_cpu(plan.servers)
             totals: dict[str, int] = defaultdict(int)
             for shard in shards:
                 for room, count in shard.answer.items():
@@ -608,8 +656,47 @@ async def run_chat_load(
                     wall_started + plan.warmup_s, floor_samples)
     if floor_problem:
         result.notes.append(f"the Redis floor could not be measured: {floor_problem}")
+    measured = [url for url in servers_cpu_before if url in servers_cpu_after]
+    result.cpu = CpuUse(
+        window_s=window_s,
+        generator_s=own_cpu_s + sum(shard.answer.cpu_s for shard in shards),
+        servers_s=(sum(servers_cpu_after[url] - servers_cpu_before[url]
+                       for url in measured) if measured else None),
+        servers_measured=len(measured), servers_total=len(plan.servers),
+    )
+    if len(measured) < len(plan.servers):
+        result.notes.append(
+            f"CPU is known for {len(measured)} of {len(plan.servers)} chat "
+            f"servers: the others' /metrics has no {CPU_METRIC}")
 
     return result
+
+
+async def read_servers_cpu(servers: Sequence[str]) -> dict[str, float]:
+    """Each server's process CPU seconds so far, from ``CPU_METRIC`` on its
+    /metrics; a server that does not export it (or does not answer) is left
+    out. Servers that share one process (tests) are counted once each."""
+    timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        answers = await asyncio.gather(*(_server_cpu(session, url)
+                                         for url in servers))
+    return {url: cpu for url, cpu in zip(servers, answers, strict=True)
+            if cpu is not None}
+
+
+async def _server_cpu(session: aiohttp.ClientSession, url: str) -> float | None:
+    try:
+        async with session.get(http_url(url) + "/metrics") as answer:
+            if answer.status != 200:
+                return None
+            text = await answer.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == CPU_METRIC:
+                    return float(sample.value)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        log.debug("no CPU figure from %s: %r", url, exc)
+    return None
 
 
 async def _stop(prober: asyncio.Task[None] | None,

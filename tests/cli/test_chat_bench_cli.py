@@ -39,6 +39,15 @@ def test_bench_writes_a_run_file_that_report_reads(
     assert answer["verdict"]["total"]["lost"] == 0
     assert answer["operations"]["deliver"]["count"] > 0
     assert [s["ok"] for s in answer["slo"]] == [True, True]
+    # CPU of both sides over the load: the two servers' from their /metrics,
+    # each at most one core (the window between the scrapes is a little
+    # longer than the load); the generator's own from its processes.
+    cpu = answer["verdict"]["cpu"]
+    assert cpu["servers_measured"] == cpu["servers_total"] == 2, cpu
+    assert 1.5 <= cpu["window_s"] < 2.0 + 15, cpu  # the last sends: 1.5-2 s
+    assert 0 < cpu["servers_s"] <= 2 * (cpu["window_s"] + 1), cpu
+    assert 0 < cpu["generator_s"] <= 2 * (cpu["window_s"] + 1), cpu
+    assert cpu["servers_cores"] == round(cpu["servers_s"] / cpu["window_s"], 3)
 
     report = run_dslab("report", "latency", str(out), env=chat_lab)
     assert report.returncode == 0, report.stderr
@@ -57,6 +66,7 @@ def test_failed_slo_exits_1_with_the_report(
 
     assert done.returncode == 1
     assert "FAIL" in done.stdout
+    assert "CPU over the" in done.stdout and "load generator" in done.stdout
     assert "SLO checks failed" in done.stderr
     assert out.exists()
 
