@@ -114,9 +114,11 @@ FLOOR_STOP_TIMEOUT_S = 5.0
 # A server's /metrics, read before and after the load for its CPU, must answer
 # within this; one that does not is left out of the CPU figure.
 METRICS_TIMEOUT_S = 5.0
-# The counter a server exports (prometheus_client's process collector) for the
-# CPU seconds its process has used.
+# What a server exports (prometheus_client's process collector) for the CPU
+# seconds its process has used, and when that process started: a server that
+# restarted during the load has a new start time and is left out.
 CPU_METRIC = "process_cpu_seconds_total"
+START_METRIC = "process_start_time_seconds"
 
 DELIVER = "deliver"
 ACK = "ack"
@@ -656,26 +658,37 @@ async def run_chat_load(
                     wall_started + plan.warmup_s, floor_samples)
     if floor_problem:
         result.notes.append(f"the Redis floor could not be measured: {floor_problem}")
-    measured = [url for url in servers_cpu_before if url in servers_cpu_after]
+    used = {url: after.cpu_s - servers_cpu_before[url].cpu_s
+            for url, after in servers_cpu_after.items()
+            if url in servers_cpu_before
+            and after.started_at == servers_cpu_before[url].started_at}
     result.cpu = CpuUse(
         window_s=window_s,
         generator_s=own_cpu_s + sum(shard.answer.cpu_s for shard in shards),
-        servers_s=(sum(servers_cpu_after[url] - servers_cpu_before[url]
-                       for url in measured) if measured else None),
-        servers_measured=len(measured), servers_total=len(plan.servers),
+        servers_s=sum(used.values()) if used else None,
+        servers_measured=len(used), servers_total=len(plan.servers),
     )
-    if len(measured) < len(plan.servers):
+    if len(used) < len(plan.servers):
         result.notes.append(
-            f"CPU is known for {len(measured)} of {len(plan.servers)} chat "
-            f"servers: the others' /metrics has no {CPU_METRIC}")
+            f"CPU is known for {len(used)} of {len(plan.servers)} chat servers: "
+            f"the others did not answer /metrics with {CPU_METRIC} before and "
+            "after the load, or restarted during it")
 
     return result
 
 
-async def read_servers_cpu(servers: Sequence[str]) -> dict[str, float]:
-    """Each server's process CPU seconds so far, from ``CPU_METRIC`` on its
-    /metrics; a server that does not export it (or does not answer) is left
-    out. Servers that share one process (tests) are counted once each."""
+@dataclass(frozen=True)
+class ProcessCpu:
+    """A server process's CPU seconds so far, and when it started (epoch s)."""
+
+    cpu_s: float
+    started_at: float
+
+
+async def read_servers_cpu(servers: Sequence[str]) -> dict[str, ProcessCpu]:
+    """Each server's process CPU so far, from its /metrics; a server that
+    does not export it (or does not answer) is left out. Servers that share
+    one process (tests) are counted once each."""
     timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         answers = await asyncio.gather(*(_server_cpu(session, url)
@@ -684,19 +697,23 @@ async def read_servers_cpu(servers: Sequence[str]) -> dict[str, float]:
             if cpu is not None}
 
 
-async def _server_cpu(session: aiohttp.ClientSession, url: str) -> float | None:
+async def _server_cpu(session: aiohttp.ClientSession,
+                      url: str) -> ProcessCpu | None:
     try:
         async with session.get(http_url(url) + "/metrics") as answer:
             if answer.status != 200:
                 return None
             text = await answer.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == CPU_METRIC:
-                    return float(sample.value)
+        values = {sample.name: float(sample.value)
+                  for family in text_string_to_metric_families(text)
+                  for sample in family.samples
+                  if sample.name in (CPU_METRIC, START_METRIC)}
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         log.debug("no CPU figure from %s: %r", url, exc)
-    return None
+        return None
+    if len(values) < 2:
+        return None
+    return ProcessCpu(values[CPU_METRIC], values[START_METRIC])
 
 
 async def _stop(prober: asyncio.Task[None] | None,

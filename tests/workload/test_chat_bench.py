@@ -90,6 +90,11 @@ def test_clean_run_delivers_every_send_to_every_member(start_lab: StartLab) -> N
     assert histograms[load.DELIVER].count == measured * 5
     assert histograms[load.FLOOR].count > 0
     assert result.reconnects == 0
+    # Both servers' CPU over the load, from their own /metrics.
+    assert result.cpu is not None
+    assert result.cpu.servers_measured == result.cpu.servers_total == 2
+    assert result.cpu.servers_s is not None and result.cpu.servers_s > 0
+    assert result.cpu.generator_s > 0
 
 
 @pytest.mark.timeout(90)
@@ -110,6 +115,25 @@ def test_killed_server_loses_nothing(start_lab: StartLab) -> None:
                                  result.wall_ended)
     assert [(f.action, f.target) for f in faults] == [("kill", records[0].name)]
     assert 0 < faults[0].at < plan.duration_s
+    # The dead server's CPU is unknown: left out, and the report says so.
+    assert result.cpu is not None and result.cpu.servers_measured == 1
+    assert any("CPU is known for 1 of 2" in note for note in result.notes)
+
+
+@pytest.mark.timeout(90)
+def test_restarted_server_is_left_out_of_the_cpu_figure(start_lab: StartLab) -> None:
+    """A server restarted during the load is a new process whose CPU counter
+    began again: its figure would be wrong either way, so it is left out."""
+    lab = start_lab()
+    records = _serve(lab, 2)
+    plan = _plan(records, rate_per_s=4.0, duration_s=4.0)
+
+    result = _run(plan, _once_at(FAULT_AT_S, lambda: chaos.restart(lab, records[0])))
+
+    assert result.verdict.total.lost == 0
+    assert result.cpu is not None
+    assert (result.cpu.servers_measured, result.cpu.servers_total) == (1, 2)
+    assert result.cpu.servers_s is not None and result.cpu.servers_s > 0
 
 
 @pytest.mark.timeout(90)
