@@ -376,7 +376,7 @@ async def test_redis_latency_is_the_configured_delay_within_ten_percent(
     async with FaultProxy(_redis_address(start_lab)) as proxy:
         client = _async_client(proxy, socket_timeout=STEP_TIMEOUT_S)
         try:
-            await client.ping()
+            await client.ping()  # connect first: time the command only
             proxy.set_faults(Direction.UPSTREAM, Faults(latency_ms=150))
             took = []
             for _ in range(9):
