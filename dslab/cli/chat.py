@@ -314,7 +314,7 @@ def _print_summary(result: load.ChatResult, histograms: dict[str, Any],
 def _cpu_line(cpu: load.CpuUse) -> str:
     """CPU seconds, and cores' worth over the load, of both sides."""
     def used(seconds: float) -> str:
-        return f"{seconds:.1f} s ({seconds / max(cpu.window_s, 1e-9):.2f} of a core)"
+        return f"{seconds:.1f} s ({cpu.cores(seconds):.2f} of a core)"
 
     servers = ("unknown" if cpu.servers_s is None
                else used(cpu.servers_s) + (

@@ -551,18 +551,18 @@ class CpuUse:
     servers_measured: int  # how many servers' figures are in ``servers_s``
     servers_total: int
 
-    def to_dict(self) -> dict[str, Any]:
-        def cores(seconds: float | None) -> float | None:
-            if seconds is None or self.window_s <= 0:
-                return None
-            return round(seconds / self.window_s, 3)
+    def cores(self, seconds: float) -> float:
+        """CPU seconds as cores' worth over the window."""
+        return seconds / max(self.window_s, 1e-9)
 
+    def to_dict(self) -> dict[str, Any]:
+        servers = self.servers_s
         return {
             "window_s": round(self.window_s, 3),
             "generator_s": round(self.generator_s, 3),
-            "generator_cores": cores(self.generator_s),
-            "servers_s": None if self.servers_s is None else round(self.servers_s, 3),
-            "servers_cores": cores(self.servers_s),
+            "generator_cores": round(self.cores(self.generator_s), 3),
+            "servers_s": None if servers is None else round(servers, 3),
+            "servers_cores": None if servers is None else round(self.cores(servers), 3),
             "servers_measured": self.servers_measured,
             "servers_total": self.servers_total,
         }
@@ -688,7 +688,7 @@ class ProcessCpu:
 async def read_servers_cpu(servers: Sequence[str]) -> dict[str, ProcessCpu]:
     """Each server's process CPU so far, from its /metrics; a server that
     does not export it (or does not answer) is left out. Servers that share
-    one process (tests) are counted once each."""
+    one process (tests) each report that whole process."""
     timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         answers = await asyncio.gather(*(_server_cpu(session, url)

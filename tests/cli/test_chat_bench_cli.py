@@ -47,7 +47,8 @@ def test_bench_writes_a_run_file_that_report_reads(
     assert 1.5 <= cpu["window_s"] < 2.0 + 15, cpu  # the last sends: 1.5-2 s
     assert 0 < cpu["servers_s"] <= 2 * (cpu["window_s"] + 1), cpu
     assert 0 < cpu["generator_s"] <= 2 * (cpu["window_s"] + 1), cpu
-    assert cpu["servers_cores"] == round(cpu["servers_s"] / cpu["window_s"], 3)
+    # Both rounded to 3 places: compare within what rounding can move.
+    assert abs(cpu["servers_cores"] - cpu["servers_s"] / cpu["window_s"]) < 0.002
 
     report = run_dslab("report", "latency", str(out), env=chat_lab)
     assert report.returncode == 0, report.stderr
